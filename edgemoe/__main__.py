@@ -1,0 +1,4 @@
+from edgemoe.cli import main
+import sys
+
+sys.exit(main())

@@ -1,0 +1,299 @@
+"""What every supported MoE decoder shares: config reading, the tensor-name table, and the
+graphs (embedding, one dense graph per layer, one graph per expert, final norm + LM head).
+
+A family module subclasses `Architecture`, sets `model_type` and its name table, and overrides
+only what differs (config fields, q/k norms, routing details).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+from onnx import TensorProto
+
+from edgemoe.export.checkpoint import Checkpoint, CheckpointError
+from edgemoe.export.layers import (apply_rope, causal_attention, linear, reshape, rms_norm,
+                                   rope_tables, swiglu_expert)
+from edgemoe.export.onnx_graph import GraphBuilder
+from edgemoe.runtime.manifest import ModelConfig
+
+
+class UnsupportedConfigError(Exception):
+    """The checkpoint's config uses an option edgemoe does not export."""
+
+
+@dataclass
+class ArchConfig:
+    """Config of a decoder-only MoE model, with Hugging Face field names; derived fields last."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_experts: int
+    num_experts_per_tok: int
+    expert_intermediate_size: int
+    norm_topk_prob: bool
+    rms_norm_eps: float
+    rope_theta: float
+    vocab_size: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+    pad_token_id: int | None
+    clip_qkv: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def runtime_config(self) -> ModelConfig:
+        return ModelConfig(
+            hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim, num_experts=self.num_experts,
+            num_experts_per_tok=self.num_experts_per_tok, norm_topk_prob=self.norm_topk_prob,
+            vocab_size=self.vocab_size, max_position_embeddings=self.max_position_embeddings,
+            bos_token_id=self.bos_token_id, eos_token_ids=self.eos_token_ids,
+            pad_token_id=self.pad_token_id)
+
+
+def _eos_ids(config: dict, generation_config: dict) -> list[int]:
+    value = generation_config.get("eos_token_id", config.get("eos_token_id"))
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def _rope_theta(config: dict, default: float) -> float:
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise UnsupportedConfigError(
+            f"rope_type {rope_type!r} is not supported yet; edgemoe exports the default RoPE only")
+    # transformers 5.x keeps rope_theta inside rope_parameters; 4.x has it at the top level.
+    return float(params.get("rope_theta", config.get("rope_theta", default)))
+
+
+class Architecture:
+    """Base of the per-family exporters."""
+
+    model_type: ClassVar[str]
+    default_rope_theta: ClassVar[float] = 10000.0
+
+    # Safetensors names; {layer} and {expert} are filled in. Families override entries.
+    names: ClassVar[dict[str, str]] = {
+        "embed": "model.embed_tokens.weight",
+        "final_norm": "model.norm.weight",
+        "lm_head": "lm_head.weight",
+        "input_norm": "model.layers.{layer}.input_layernorm.weight",
+        "post_attention_norm": "model.layers.{layer}.post_attention_layernorm.weight",
+        "q_proj": "model.layers.{layer}.self_attn.q_proj.weight",
+        "k_proj": "model.layers.{layer}.self_attn.k_proj.weight",
+        "v_proj": "model.layers.{layer}.self_attn.v_proj.weight",
+        "o_proj": "model.layers.{layer}.self_attn.o_proj.weight",
+        "q_norm": "model.layers.{layer}.self_attn.q_norm.weight",
+        "k_norm": "model.layers.{layer}.self_attn.k_norm.weight",
+        "router": "model.layers.{layer}.mlp.gate.weight",
+        "expert_gate": "model.layers.{layer}.mlp.experts.{expert}.gate_proj.weight",
+        "expert_up": "model.layers.{layer}.mlp.experts.{expert}.up_proj.weight",
+        "expert_down": "model.layers.{layer}.mlp.experts.{expert}.down_proj.weight",
+    }
+    # "none", "per_head" (RMSNorm over D of each head, Qwen3) or "full" (over N*D, OLMoE)
+    qk_norm: ClassVar[str] = "none"
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+        self.config = self.parse_config(checkpoint.config, checkpoint.generation_config)
+
+    # Config
+
+    def expert_counts(self, config: dict) -> tuple[int, int]:
+        """Number of experts and the expert intermediate size."""
+        # transformers 5.x saves Qwen3-MoE's num_experts under its alias num_local_experts.
+        experts = config.get("num_experts", config.get("num_local_experts"))
+        if experts is None:
+            raise KeyError("num_experts")
+        return int(experts), int(config["moe_intermediate_size"])
+
+    def parse_config(self, config: dict, generation_config: dict) -> ArchConfig:
+        try:
+            heads = int(config["num_attention_heads"])
+            hidden = int(config["hidden_size"])
+            num_experts, intermediate = self.expert_counts(config)
+            context = int(config.get("max_position_embeddings", 2048))
+            window = config.get("sliding_window")
+            if window and config.get("use_sliding_window", True) and int(window) < context:
+                # Capping the context at the window makes full attention equal to sliding attention.
+                context = int(window)
+            arch = ArchConfig(
+                hidden_size=hidden,
+                num_hidden_layers=int(config["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(config.get("num_key_value_heads") or heads),
+                head_dim=int(config.get("head_dim") or hidden // heads),
+                num_experts=num_experts,
+                num_experts_per_tok=int(config["num_experts_per_tok"]),
+                expert_intermediate_size=intermediate,
+                norm_topk_prob=bool(config.get("norm_topk_prob", False)),
+                rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+                rope_theta=_rope_theta(config, self.default_rope_theta),
+                vocab_size=int(config["vocab_size"]),
+                max_position_embeddings=context,
+                tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+                bos_token_id=generation_config.get("bos_token_id", config.get("bos_token_id")),
+                eos_token_ids=_eos_ids(config, generation_config),
+                pad_token_id=config.get("pad_token_id"),
+                clip_qkv=config.get("clip_qkv"),
+            )
+        except KeyError as exc:
+            raise CheckpointError(f"config.json lacks the field {exc}, which {self.model_type} needs") from exc
+        if arch.num_attention_heads % arch.num_key_value_heads:
+            raise UnsupportedConfigError(
+                f"num_attention_heads {arch.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {arch.num_key_value_heads}")
+        if config.get("hidden_act", "silu") != "silu":
+            raise UnsupportedConfigError(f"hidden_act {config['hidden_act']!r} is not supported; only silu")
+        return arch
+
+    # Weights
+
+    def tensor(self, role: str, layer: int | None = None, expert: int | None = None) -> np.ndarray:
+        return self.checkpoint.get(self.names[role].format(layer=layer, expert=expert))
+
+    def expert_weights(self, layer: int, expert: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """gate [I, H], up [I, H], down [H, I] of one expert."""
+        return (self.tensor("expert_gate", layer, expert), self.tensor("expert_up", layer, expert),
+                self.tensor("expert_down", layer, expert))
+
+    def check_tensors(self) -> None:
+        """Fail before writing anything if a tensor the export needs is missing."""
+        missing = [name for name in self.required_names() if not self.checkpoint.has(name)]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise CheckpointError(f"tensor {shown} not found in the checkpoint {self.checkpoint.directory} "
+                                  f"(model_type {self.model_type})")
+
+    def required_names(self) -> list[str]:
+        cfg = self.config
+        roles = ["embed", "final_norm"] + ([] if cfg.tie_word_embeddings else ["lm_head"])
+        names = [self.names[r] for r in roles]
+        layer_roles = ["input_norm", "post_attention_norm", "q_proj", "k_proj", "v_proj", "o_proj", "router"]
+        if self.qk_norm != "none":
+            layer_roles += ["q_norm", "k_norm"]
+        for layer in range(cfg.num_hidden_layers):
+            names += [self.names[r].format(layer=layer) for r in layer_roles]
+            for expert in range(cfg.num_experts):
+                names += [self.names[r].format(layer=layer, expert=expert)
+                          for r in ("expert_gate", "expert_up", "expert_down")]
+        return names
+
+    # Graphs
+
+    def build_embed(self, dtype: np.dtype) -> GraphBuilder:
+        """token ids [T] -> hidden [T, H]."""
+        g = GraphBuilder("embed", dtype)
+        ids = g.input("input_ids", TensorProto.INT64, ["T"])
+        # Gather before any Cast, so an fp16 table is not widened as a whole.
+        table = g.weight("embed_tokens.weight", self.tensor("embed"), widen=False)
+        hidden = g.op("Gather", [table, ids], "/embed", axis=0)
+        if np.dtype(dtype) != np.float32:
+            hidden = g.op("Cast", [hidden], "/embed", to=TensorProto.FLOAT)
+        g.output(hidden, "hidden", TensorProto.FLOAT, ["T", self.config.hidden_size])
+        return g
+
+    def build_head(self, dtype: np.dtype, embed_location: str, embed_offset: int) -> GraphBuilder:
+        """hidden [T, H] -> logits [T, V] through the final norm and the LM head."""
+        cfg = self.config
+        g = GraphBuilder("head", dtype)
+        hidden = g.input("hidden", TensorProto.FLOAT, ["T", cfg.hidden_size])
+        normed = rms_norm(g, hidden, self.tensor("final_norm"), cfg.rms_norm_eps, "/norm")
+        if cfg.tie_word_embeddings:
+            # Gemm with transB reads the [V, H] embedding table in place: no second copy on storage.
+            table = g.shared_weight("embed_tokens.weight", self.tensor("embed"), embed_location, embed_offset)
+        else:
+            table = g.weight("lm_head.weight", self.tensor("lm_head"))
+        logits = g.op("Gemm", [normed, table], "/lm_head", transB=1)
+        g.output(logits, "logits", TensorProto.FLOAT, ["T", cfg.vocab_size])
+        return g
+
+    def build_layer(self, layer: int, dtype: np.dtype) -> GraphBuilder:
+        """Attention and router of one decoder layer.
+
+        Inputs: hidden [T, H], position_ids [T], past_key / past_value [K, P, D].
+        Outputs: residual [T, H] (hidden + attention), moe_input [T, H] (post-attention norm),
+        router_logits [T, E], present_key / present_value [K, S, D].
+        """
+        cfg = self.config
+        s = f"/layers.{layer}"
+        g = GraphBuilder(f"layer_{layer}", dtype)
+        hidden = g.input("hidden", TensorProto.FLOAT, ["T", cfg.hidden_size])
+        position_ids = g.input("position_ids", TensorProto.INT64, ["T"])
+        kv_shape = [cfg.num_key_value_heads, "P", cfg.head_dim]
+        past_k = g.input("past_key", TensorProto.FLOAT, kv_shape)
+        past_v = g.input("past_value", TensorProto.FLOAT, kv_shape)
+
+        x = rms_norm(g, hidden, self.tensor("input_norm", layer), cfg.rms_norm_eps, f"{s}/input_layernorm")
+        attn = self.attention(g, x, position_ids, past_k, past_v, layer)
+        residual = g.op("Add", [hidden, attn[0]], s)
+
+        moe_input = rms_norm(g, residual, self.tensor("post_attention_norm", layer), cfg.rms_norm_eps,
+                             f"{s}/post_attention_layernorm")
+        router_logits = linear(g, moe_input, self.tensor("router", layer), f"{s}/router")  # [T, E]
+
+        g.output(residual, "residual", TensorProto.FLOAT, ["T", cfg.hidden_size])
+        g.output(moe_input, "moe_input", TensorProto.FLOAT, ["T", cfg.hidden_size])
+        g.output(router_logits, "router_logits", TensorProto.FLOAT, ["T", cfg.num_experts])
+        g.output(attn[1], "present_key", TensorProto.FLOAT, [cfg.num_key_value_heads, "S", cfg.head_dim])
+        g.output(attn[2], "present_value", TensorProto.FLOAT, [cfg.num_key_value_heads, "S", cfg.head_dim])
+        return g
+
+    def attention(self, g: GraphBuilder, x: str, position_ids: str, past_k: str, past_v: str,
+                  layer: int) -> tuple[str, str, str]:
+        cfg = self.config
+        s = f"/layers.{layer}/attn"
+        n, k, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q = linear(g, x, self.tensor("q_proj", layer), f"{s}/q_proj")                  # [T, N*D]
+        key = linear(g, x, self.tensor("k_proj", layer), f"{s}/k_proj")                # [T, K*D]
+        value = linear(g, x, self.tensor("v_proj", layer), f"{s}/v_proj")              # [T, K*D]
+        if self.qk_norm == "full":
+            q = rms_norm(g, q, self.tensor("q_norm", layer), cfg.rms_norm_eps, f"{s}/q_norm")
+            key = rms_norm(g, key, self.tensor("k_norm", layer), cfg.rms_norm_eps, f"{s}/k_norm")
+        if cfg.clip_qkv is not None:
+            low = g.const(f"{s}/clip_min", np.array(-cfg.clip_qkv, np.float32))
+            high = g.const(f"{s}/clip_max", np.array(cfg.clip_qkv, np.float32))
+            q, key, value = (g.op("Clip", [t, low, high], s) for t in (q, key, value))
+
+        q = reshape(g, q, [0, n, d], s)                                                  # [T, N, D]
+        key = reshape(g, key, [0, k, d], s)                                              # [T, K, D]
+        value = reshape(g, value, [0, k, d], s)                                          # [T, K, D]
+        if self.qk_norm == "per_head":
+            q = rms_norm(g, q, self.tensor("q_norm", layer), cfg.rms_norm_eps, f"{s}/q_norm")
+            key = rms_norm(g, key, self.tensor("k_norm", layer), cfg.rms_norm_eps, f"{s}/k_norm")
+        q = g.op("Transpose", [q], s, perm=[1, 0, 2])                                    # [N, T, D]
+        key = g.op("Transpose", [key], s, perm=[1, 0, 2])                                # [K, T, D]
+        value = g.op("Transpose", [value], s, perm=[1, 0, 2])                            # [K, T, D]
+
+        cos, sin = rope_tables(g, position_ids, d, cfg.rope_theta, f"{s}/rope")
+        q = apply_rope(g, q, cos, sin, d, f"{s}/rope_q")
+        key = apply_rope(g, key, cos, sin, d, f"{s}/rope_k")
+
+        out, all_k, all_v = causal_attention(g, q, key, value, past_k, past_v, n, k, d, s)
+        out = linear(g, out, self.tensor("o_proj", layer), f"{s}/o_proj")               # [T, H]
+        return out, all_k, all_v
+
+    def build_expert(self, layer: int, expert: int, dtype: np.dtype) -> GraphBuilder:
+        """x [T, H] -> y [T, H] for one expert, unweighted (the runtime applies routing weights)."""
+        cfg = self.config
+        g = GraphBuilder(f"expert_{layer}_{expert}", dtype)
+        x = g.input("x", TensorProto.FLOAT, ["T", cfg.hidden_size])
+        gate, up, down = self.expert_weights(layer, expert)
+        y = swiglu_expert(g, x, gate, up, down, f"/layers.{layer}/experts.{expert}")
+        g.output(y, "y", TensorProto.FLOAT, ["T", cfg.hidden_size])
+        return g
+
+
+def bundle_relative(path: Path, bundle: Path) -> str:
+    return path.relative_to(bundle).as_posix()

@@ -1,0 +1,116 @@
+"""ONNX makers for the pieces MoE decoders share: RMSNorm, linear, RoPE, GQA attention, SwiGLU.
+
+Shape legend (batch is always 1 on the device, so it is dropped):
+    T  tokens in this call          P  tokens already in the KV cache      S = P + T
+    H  hidden size                  D  head dim                            E  experts
+    N  attention heads              K  key/value heads                     G = N / K
+    I  expert intermediate size
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto
+
+from edgemoe.export.onnx_graph import GraphBuilder
+
+
+def rms_norm(g: GraphBuilder, x: str, weight: np.ndarray, eps: float, scope: str) -> str:
+    """RMSNorm over the last axis, computed in float32 as transformers does.
+
+        x ─┬─ Pow 2 ─ ReduceMean(-1) ─ Add eps ─ Sqrt ─┐
+           └──────────────────────────────────────── Div ─ Mul weight
+    """
+    square = g.op("Pow", [x, g.const(f"{scope}/two", np.array(2.0, np.float32))], scope)
+    axes = g.const(f"{scope}/axes", np.array([-1], np.int64))
+    mean = g.op("ReduceMean", [square, axes], scope, keepdims=1)
+    var = g.op("Add", [mean, g.const(f"{scope}/eps", np.array(eps, np.float32))], scope)
+    normed = g.op("Div", [x, g.op("Sqrt", [var], scope)], scope)
+    return g.op("Mul", [normed, g.weight(f"{scope}.weight", weight)], scope)
+
+
+def linear(g: GraphBuilder, x: str, weight: np.ndarray, scope: str, bias: np.ndarray | None = None) -> str:
+    """y = x @ weight.T (+ bias); `weight` in PyTorch's [out, in] layout, stored transposed."""
+    y = g.op("MatMul", [x, g.weight(f"{scope}.weight", weight.T)], scope)
+    if bias is not None:
+        y = g.op("Add", [y, g.weight(f"{scope}.bias", bias)], scope)
+    return y
+
+
+def reshape(g: GraphBuilder, x: str, shape: list[int], scope: str) -> str:
+    return g.op("Reshape", [x, g.const(f"{scope}/shape_{g._count}", np.array(shape, np.int64))], scope)
+
+
+def rope_tables(g: GraphBuilder, position_ids: str, head_dim: int, theta: float, scope: str) -> tuple[str, str]:
+    """cos and sin of the default RoPE, [T, D], as transformers builds them (float32)."""
+    inv_freq = (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim)))
+    positions = g.op("Cast", [position_ids], scope, to=TensorProto.FLOAT)                  # [T]
+    positions = g.op("Unsqueeze", [positions, g.const(f"{scope}/axis1", np.array([1], np.int64))], scope)
+    freqs = g.op("Mul", [positions, g.const(f"{scope}/inv_freq",
+                                            inv_freq.astype(np.float32)[None, :])], scope)  # [T, D/2]
+    emb = g.op("Concat", [freqs, freqs], scope, axis=-1)                                 # [T, D]
+    return g.op("Cos", [emb], scope), g.op("Sin", [emb], scope)
+
+
+def apply_rope(g: GraphBuilder, x: str, cos: str, sin: str, head_dim: int, scope: str) -> str:
+    """x * cos + rotate_half(x) * sin, with x [heads, T, D] and rotate_half(a|b) = (-b|a)."""
+    half = g.const(f"{scope}/split", np.array([head_dim // 2, head_dim // 2], np.int64))
+    first, second = g.op("Split", [x, half], scope, num_outputs=2, axis=-1)
+    rotated = g.op("Concat", [g.op("Neg", [second], scope), first], scope, axis=-1)
+    return g.op("Add", [g.op("Mul", [x, cos], scope), g.op("Mul", [rotated, sin], scope)], scope)
+
+
+def causal_attention(g: GraphBuilder, q: str, k: str, v: str, past_k: str, past_v: str,
+                     num_heads: int, num_kv_heads: int, head_dim: int, scope: str) -> tuple[str, str, str]:
+    """Grouped-query attention over the KV cache plus this call's tokens, causal.
+
+    Args:
+        q: [N, T, D] after RoPE; k, v: [K, T, D] (k after RoPE); past_k, past_v: [K, P, D].
+
+    Returns:
+        The attention output [T, N*D] and the new cache tensors [K, S, D].
+    """
+    groups = num_heads // num_kv_heads
+    all_k = g.op("Concat", [past_k, k], scope, axis=1)                                   # [K, S, D]
+    all_v = g.op("Concat", [past_v, v], scope, axis=1)                                   # [K, S, D]
+
+    # Query head n uses key/value head n // G, as transformers' repeat_kv lays them out.
+    q4 = reshape(g, q, [num_kv_heads, groups, -1, head_dim], scope)                     # [K, G, T, D]
+    k4 = g.op("Unsqueeze", [all_k, g.const(f"{scope}/axis1", np.array([1], np.int64))], scope)  # [K,1,S,D]
+    v4 = g.op("Unsqueeze", [all_v, f"{scope}/axis1"], scope)                             # [K, 1, S, D]
+    k4t = g.op("Transpose", [k4], scope, perm=[0, 1, 3, 2])                              # [K, 1, D, S]
+    scores = g.op("MatMul", [q4, k4t], scope)                                            # [K, G, T, S]
+    scores = g.op("Mul", [scores, g.const(f"{scope}/scale", np.array(head_dim ** -0.5, np.float32))], scope)
+
+    # Causal mask: key j is visible to query i when j <= P + i.
+    shape_k = g.op("Shape", [all_k], scope)
+    total = g.op("Gather", [shape_k, g.const(f"{scope}/idx1", np.array(1, np.int64))], scope, axis=0)
+    shape_q = g.op("Shape", [q], scope)
+    new = g.op("Gather", [shape_q, f"{scope}/idx1"], scope, axis=0)
+    past = g.op("Sub", [total, new], scope)
+    zero = g.const(f"{scope}/zero", np.array(0, np.int64))
+    one = g.const(f"{scope}/one", np.array(1, np.int64))
+    key_pos = g.op("Range", [zero, total, one], scope)                                   # [S]
+    query_pos = g.op("Range", [past, total, one], scope)                                 # [T]
+    query_pos = g.op("Unsqueeze", [query_pos, f"{scope}/axis1"], scope)                  # [T, 1]
+    visible = g.op("LessOrEqual", [key_pos, query_pos], scope)                           # [T, S]
+    mask = g.op("Where", [visible, g.const(f"{scope}/open", np.array(0.0, np.float32)),
+                          g.const(f"{scope}/closed", np.array(np.finfo(np.float32).min, np.float32))], scope)
+    scores = g.op("Add", [scores, mask], scope)
+
+    probs = g.op("Softmax", [scores], scope, axis=-1)
+    out = g.op("MatMul", [probs, v4], scope)                                             # [K, G, T, D]
+    out = reshape(g, out, [num_heads, -1, head_dim], scope)                              # [N, T, D]
+    out = g.op("Transpose", [out], scope, perm=[1, 0, 2])                                # [T, N, D]
+    out = reshape(g, out, [0, num_heads * head_dim], scope)                              # [T, N*D]
+    return out, all_k, all_v
+
+
+def swiglu_expert(g: GraphBuilder, x: str, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
+                  scope: str) -> str:
+    """down(silu(gate(x)) * up(x)) for x [T, H]; weights in PyTorch's [out, in] layout."""
+    gate_out = linear(g, x, gate, f"{scope}/gate_proj")                                  # [T, I]
+    up_out = linear(g, x, up, f"{scope}/up_proj")                                        # [T, I]
+    silu = g.op("Mul", [gate_out, g.op("Sigmoid", [gate_out], scope)], scope)
+    hidden = g.op("Mul", [silu, up_out], scope)                                          # [T, I]
+    return linear(g, hidden, down, f"{scope}/down_proj")                                 # [T, H]

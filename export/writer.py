@@ -1,0 +1,158 @@
+"""Hugging Face checkpoint -> edgemoe bundle.
+
+The bundle is written into `OUT.partial` next to OUT and renamed when complete, so a failed or
+interrupted export never leaves a half-written bundle under the requested name.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from edgemoe.export.architectures import architecture_for
+from edgemoe.export.checkpoint import Checkpoint, CheckpointError
+from edgemoe.runtime.manifest import (FORMAT_VERSION, MANIFEST_NAME, ExpertEntry, FileEntry, Manifest,
+                                      sha256_file)
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16)}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                   "special_tokens_map.json", "chat_template.jinja")
+
+
+@dataclass
+class ExportSummary:
+    """What an export wrote."""
+
+    bundle: str
+    architecture: str
+    dtype: str
+    layers: int
+    experts_per_layer: int
+    dense_bytes: int  # embedding, attention, routers, norms, LM head
+    expert_bytes: int  # all expert graphs and their weights, as stored
+    seconds: float
+
+    def describe(self) -> str:
+        mb = 1e6
+        return (f"exported {self.architecture} ({self.dtype}) to {self.bundle}: {self.layers} layers x "
+                f"{self.experts_per_layer} experts; dense {self.dense_bytes / mb:.1f} MB, experts "
+                f"{self.expert_bytes / mb:.1f} MB; {self.seconds:.1f} s")
+
+
+def export_checkpoint(source: str | Path, out: str | Path, dtype: str = "fp32",
+                      overwrite: bool = False, progress: bool = True) -> ExportSummary:
+    """Export a Hugging Face MoE checkpoint directory to an edgemoe bundle.
+
+    Args:
+        source: checkpoint directory (config.json, safetensors weights, tokenizer.json).
+        out: bundle directory to create.
+        dtype: storage precision of the weights, "fp32" or "fp16".
+        overwrite: replace an existing bundle at `out`.
+        progress: show a progress bar on stderr.
+
+    Raises:
+        CheckpointError: missing files or tensors in the checkpoint.
+        UnsupportedConfigError: a model_type or config option edgemoe cannot export.
+        FileExistsError: `out` exists and `overwrite` is false.
+    """
+    started = time.perf_counter()
+    if dtype not in DTYPES:
+        raise ValueError(f"invalid dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"output directory {out} exists and is not empty; "
+                              "choose another path or pass --overwrite")
+    checkpoint = Checkpoint(source)
+    if not (checkpoint.directory / "tokenizer.json").is_file():
+        raise CheckpointError(f"tokenizer.json not found in {checkpoint.directory}; edgemoe needs the "
+                              "fast-tokenizer file that Hugging Face tokenizers save")
+    arch = architecture_for(checkpoint)
+    arch.check_tensors()
+
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        manifest = _write_bundle(arch, checkpoint, partial, dtype, progress)
+        if out.exists():
+            shutil.rmtree(out)
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+    cfg = manifest.config
+    expert_files = {e.file for e in manifest.experts} | {e.data_file for e in manifest.experts}
+    summary = ExportSummary(
+        bundle=str(out), architecture=arch.model_type, dtype=dtype, layers=cfg.num_hidden_layers,
+        experts_per_layer=cfg.num_experts, dense_bytes=manifest.dense_bytes,
+        expert_bytes=sum(manifest.files[f].bytes for f in expert_files),
+        seconds=time.perf_counter() - started)
+    logger.info(summary.describe())
+    return summary
+
+
+def _write_bundle(arch, checkpoint: Checkpoint, bundle: Path, dtype: str, progress: bool) -> Manifest:
+    cfg = arch.config
+    np_dtype = DTYPES[dtype]
+    (bundle / "layers").mkdir()
+    (bundle / "experts").mkdir()
+    total = 2 + cfg.num_hidden_layers * (1 + cfg.num_experts)
+    bar = tqdm(total=total, desc="export", unit="graph", disable=not progress)
+
+    _, embed_data, offsets = arch.build_embed(np_dtype).save(bundle, "embed")
+    bar.update()
+    layer_paths = []
+    experts: list[ExpertEntry] = []
+    for layer in range(cfg.num_hidden_layers):
+        graph_path, _, _ = arch.build_layer(layer, np_dtype).save(bundle / "layers", f"layer_{layer:02d}")
+        layer_paths.append(f"layers/{graph_path.name}")
+        bar.update()
+        for index in range(cfg.num_experts):
+            stem = f"l{layer:02d}_e{index:03d}"
+            graph_path, data_path, _ = arch.build_expert(layer, index, np_dtype).save(bundle / "experts", stem)
+            stored = graph_path.stat().st_size + data_path.stat().st_size
+            # An fp16 expert's session holds a float32 copy of the weights (onnxruntime folds the
+            # Cast at creation); an fp32 expert's weights stay mapped from the file.
+            widen = 2 if dtype == "fp16" else 1
+            experts.append(ExpertEntry(
+                layer=layer, index=index, file=f"experts/{graph_path.name}",
+                data_file=f"experts/{data_path.name}", dtype=dtype, bytes=stored,
+                resident_bytes=graph_path.stat().st_size + widen * data_path.stat().st_size))
+            bar.update()
+    head_path, _, _ = arch.build_head(np_dtype, embed_data.name, offsets["embed_tokens.weight"]).save(bundle, "head")
+    bar.update()
+    bar.close()
+
+    tokenizer = {}
+    for name in TOKENIZER_FILES:
+        src = checkpoint.directory / name
+        if src.is_file():
+            shutil.copyfile(src, bundle / name)
+    tokenizer = {
+        "tokenizer": "tokenizer.json",
+        "tokenizer_config": "tokenizer_config.json" if (bundle / "tokenizer_config.json").is_file() else None,
+        "generation_config": "generation_config.json" if (bundle / "generation_config.json").is_file() else None,
+    }
+
+    files = {}
+    for path in sorted(p for p in bundle.rglob("*") if p.is_file()):
+        files[path.relative_to(bundle).as_posix()] = FileEntry(bytes=path.stat().st_size,
+                                                               sha256=sha256_file(path))
+    manifest = Manifest(
+        format_version=FORMAT_VERSION, architecture=arch.model_type, dtype=dtype,
+        config=cfg.runtime_config(),
+        graphs={"embed": "embed.onnx", "layers": layer_paths, "head": head_path.name},
+        experts=experts, files=files, tokenizer=tokenizer,
+        source={"checkpoint": str(checkpoint.directory.resolve()),
+                "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}})
+    (bundle / MANIFEST_NAME).write_text(manifest.to_json())
+    return manifest

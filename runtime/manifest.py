@@ -1,0 +1,183 @@
+"""Bundle manifest: the schema shared by the exporter (writer) and the runtime (reader).
+
+A bundle is a directory holding `manifest.json`, the dense ONNX graphs, one ONNX graph per
+expert with its weights in an external-data file, and the tokenizer files. The manifest lists
+every file with its size and sha256, so a truncated or altered file is detected before use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class BundleError(Exception):
+    """A bundle is missing, malformed, or does not match its manifest."""
+
+
+@dataclass
+class ModelConfig:
+    """Config values the runtime needs, with Hugging Face field names where one exists."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_experts: int
+    num_experts_per_tok: int
+    norm_topk_prob: bool
+    vocab_size: int
+    max_position_embeddings: int
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+    pad_token_id: int | None = None
+
+
+@dataclass
+class ExpertEntry:
+    """One expert graph: where it lives, its precision and what it costs to hold."""
+
+    layer: int
+    index: int
+    file: str  # ONNX graph, relative to the bundle
+    data_file: str  # external weights of that graph, relative to the bundle
+    dtype: str  # storage precision of the weights: "fp32" or "fp16"
+    bytes: int  # bytes read from storage to load the expert (graph + weights)
+    resident_bytes: int  # bytes a loaded session holds (mapped weights, or widened copies)
+
+
+@dataclass
+class FileEntry:
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    format_version: int
+    architecture: str
+    dtype: str
+    config: ModelConfig
+    graphs: dict[str, Any]  # {"embed": path, "layers": [path per layer], "head": path}
+    experts: list[ExpertEntry]
+    files: dict[str, FileEntry]
+    tokenizer: dict[str, str | None]  # tokenizer, tokenizer_config, generation_config paths
+    routing_profile: dict[str, Any] | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+
+    # Derived values
+
+    def expert(self, layer: int, index: int) -> ExpertEntry:
+        return self.experts[layer * self.config.num_experts + index]
+
+    @property
+    def expert_bytes(self) -> int:
+        """Sum of the resident bytes of all experts: what 100 % of the budget means."""
+        return sum(e.resident_bytes for e in self.experts)
+
+    @property
+    def dense_bytes(self) -> int:
+        expert_files = {e.file for e in self.experts} | {e.data_file for e in self.experts}
+        return sum(f.bytes for name, f in self.files.items()
+                   if name not in expert_files and name.endswith((".onnx", ".bin")))
+
+    @property
+    def min_expert_budget(self) -> int:
+        """Smallest budget that holds the top-k experts one token needs in one layer."""
+        k = self.config.num_experts_per_tok
+        worst = 0
+        for layer in range(self.config.num_hidden_layers):
+            sizes = sorted((self.expert(layer, i).resident_bytes
+                            for i in range(self.config.num_experts)), reverse=True)
+            worst = max(worst, sum(sizes[:k]))
+        return worst
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_manifest(bundle_dir: str | os.PathLike) -> Manifest:
+    """Read and validate `manifest.json` of a bundle.
+
+    Raises:
+        BundleError: the directory or manifest is missing, the format version is unknown, or a
+            listed file is missing or has the wrong size (contents are checked later, on first
+            use, by `verify_file`).
+    """
+    bundle = Path(bundle_dir)
+    path = bundle / MANIFEST_NAME
+    if not path.is_file():
+        raise BundleError(
+            f"{bundle} is not an edgemoe bundle: {MANIFEST_NAME} not found. "
+            "Create one with `edgemoe export CHECKPOINT_DIR OUT_DIR`.")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"invalid {path}: {exc}") from exc
+
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{path} has format_version {version!r}; this edgemoe reads version {FORMAT_VERSION}. "
+            "Re-export the checkpoint with this version of edgemoe.")
+    try:
+        manifest = Manifest(
+            format_version=version,
+            architecture=raw["architecture"],
+            dtype=raw["dtype"],
+            config=ModelConfig(**raw["config"]),
+            graphs=raw["graphs"],
+            experts=[ExpertEntry(**e) for e in raw["experts"]],
+            files={name: FileEntry(**f) for name, f in raw["files"].items()},
+            tokenizer=raw["tokenizer"],
+            routing_profile=raw.get("routing_profile"),
+            source=raw.get("source", {}),
+        )
+    except (KeyError, TypeError) as exc:
+        raise BundleError(f"invalid {path}: missing or unexpected field {exc}") from exc
+
+    expected = manifest.config.num_hidden_layers * manifest.config.num_experts
+    if len(manifest.experts) != expected:
+        raise BundleError(f"invalid {path}: {len(manifest.experts)} experts listed, "
+                          f"expected {expected} (layers x experts)")
+    for name, entry in manifest.files.items():
+        file_path = bundle / name
+        if not file_path.is_file():
+            raise BundleError(f"bundle file {file_path} is missing; re-export or copy the bundle again")
+        size = file_path.stat().st_size
+        if size != entry.bytes:
+            raise BundleError(f"bundle file {file_path} has {size} bytes, manifest says {entry.bytes}: "
+                              "the file is truncated or altered; re-export or copy the bundle again")
+    return manifest
+
+
+def verify_file(bundle_dir: str | os.PathLike, manifest: Manifest, name: str) -> None:
+    """Check a bundle file's sha256 against the manifest.
+
+    Raises:
+        BundleError: naming the file, when it is not listed or its contents differ.
+    """
+    entry = manifest.files.get(name)
+    if entry is None:
+        raise BundleError(f"bundle file {name} is not listed in {MANIFEST_NAME}")
+    path = Path(bundle_dir) / name
+    actual = sha256_file(path)
+    if actual != entry.sha256:
+        raise BundleError(f"bundle file {path} is corrupt: sha256 {actual} does not match the "
+                          f"manifest's {entry.sha256}; re-export or copy the bundle again")
