@@ -23,6 +23,9 @@ from edgemoe.runtime.manifest import (FORMAT_VERSION, MANIFEST_NAME, ExpertEntry
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16)}
+# Heap memory of one expert session beyond its weights: about 150 KB measured for the demo
+# model's experts (H=192, I=384) with onnxruntime 1.32 on x86_64, rounded up.
+SESSION_OVERHEAD_BYTES = 160 * 1024
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
                    "special_tokens_map.json", "chat_template.jinja")
 
@@ -126,7 +129,8 @@ def _write_bundle(arch, checkpoint: Checkpoint, bundle: Path, dtype: str, progre
             experts.append(ExpertEntry(
                 layer=layer, index=index, file=f"experts/{graph_path.name}",
                 data_file=f"experts/{data_path.name}", dtype=dtype, bytes=stored,
-                resident_bytes=graph_path.stat().st_size + widen * data_path.stat().st_size))
+                resident_bytes=(SESSION_OVERHEAD_BYTES + graph_path.stat().st_size
+                                + widen * data_path.stat().st_size)))
             bar.update()
     head_path, _, _ = arch.build_head(np_dtype, embed_data.name, offsets["embed_tokens.weight"]).save(bundle, "head")
     bar.update()
