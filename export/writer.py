@@ -1,12 +1,13 @@
 """Hugging Face checkpoint -> edgemoe bundle.
 
-The bundle is written into `OUT.partial` next to OUT and renamed when complete, so a failed or
+The bundle is written into `OUT.partial-PID` next to OUT and renamed when complete, so a failed or
 interrupted export never leaves a half-written bundle under the requested name.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -80,14 +81,21 @@ def export_checkpoint(source: str | Path, out: str | Path, dtype: str = "fp32",
     arch = architecture_for(checkpoint)
     arch.check_tensors()
 
-    partial = out.with_name(out.name + ".partial")
+    # One partial directory per process, so two exports to the same OUT never mix their files.
+    partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
         manifest = _write_bundle(arch, checkpoint, partial, dtype, progress)
         if out.exists():
-            shutil.rmtree(out)
-        partial.rename(out)
+            shutil.rmtree(out, ignore_errors=True)
+        try:
+            partial.rename(out)
+        except OSError:
+            if not (out / MANIFEST_NAME).is_file():
+                raise
+            # Another process finished the same export first; its bundle is used.
+            shutil.rmtree(partial, ignore_errors=True)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

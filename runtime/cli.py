@@ -70,6 +70,7 @@ def run_generate(args) -> int:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     model = _load(args)
     prompt_ids = model.tokenizer.encode(args.prompt)
+    model.generator.check_prompt(prompt_ids)
     result = None
     if not args.json:
         sys.stdout.write(args.prompt)

@@ -12,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 
+from edgemoe import __version__
 from edgemoe.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME
 
 logger = logging.getLogger(__name__)
@@ -27,10 +28,14 @@ def cache_dir() -> Path:
 
 
 def _fingerprint() -> str:
-    digest = hashlib.sha256(f"format {FORMAT_VERSION}".encode())
+    """Key of the cached export: changes with the checkpoint, the bundle format and the exporter."""
+    digest = hashlib.sha256(f"format {FORMAT_VERSION} edgemoe {__version__}".encode())
     for name in sorted(p.name for p in DEMO_CHECKPOINT.iterdir()):
         stat = (DEMO_CHECKPOINT / name).stat()
         digest.update(f"{name}:{stat.st_size}".encode())
+    export_dir = Path(__file__).resolve().parent.parent / "export"
+    for source in sorted(export_dir.rglob("*.py")) if export_dir.is_dir() else []:
+        digest.update(source.read_bytes())
     return digest.hexdigest()[:12]
 
 

@@ -59,7 +59,9 @@ class Engine:
         self.layers = [dense_session(str(self.bundle_dir / p), threads) for p in dense[1:-1]]
         self.head = dense_session(str(self.bundle_dir / dense[-1]), threads)
 
-        budget = self.options.budget_bytes or self.manifest.expert_bytes
+        budget = self.options.budget_bytes
+        if budget is None:
+            budget = self.manifest.expert_bytes
         self.store = ExpertStore(self.bundle_dir, self.manifest, budget, verify=self.options.verify)
 
     def _graph_files(self, graph: str) -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from edgemoe.runtime.budget import BudgetError, format_bytes, parse_size
 from edgemoe.runtime.engine import Engine, EngineOptions
 from edgemoe.runtime.generation import Generator
-from edgemoe.runtime.manifest import Manifest, load_manifest
+from edgemoe.runtime.manifest import Manifest, load_manifest, verify_file
 from edgemoe.runtime.tokenizer import BundleTokenizer
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,10 @@ def load_model(path: str | Path | None, budget: str | None = None, threads: int 
     manifest = load_manifest(bundle)
     budget_bytes = resolve_budget(budget, manifest)
     engine = Engine(bundle, EngineOptions(budget_bytes=budget_bytes, threads=threads, verify=verify))
+    if verify:
+        # The engine verifies only the graph files, so the tokenizer files are verified here.
+        for name in filter(None, manifest.tokenizer.values()):
+            verify_file(bundle, manifest, name)
     tokenizer = BundleTokenizer(bundle, engine.manifest)
     logger.info("loaded %s from %s: expert budget %s of %s (%.0f%%)", manifest.architecture, bundle,
                 format_bytes(budget_bytes), format_bytes(manifest.expert_bytes),

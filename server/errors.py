@@ -30,6 +30,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         first = exc.errors()[0]
+        if first.get("type") == "json_invalid":
+            # The location of a JSON syntax error is a character position, not a field.
+            detail = first.get("ctx", {}).get("error", first.get("msg"))
+            logger.info("rejected %s %s: invalid JSON body: %s", request.method, request.url.path, detail)
+            return error_response(400, f"the request body is not valid JSON: {detail} "
+                                       f"(at character {first['loc'][-1]})", code="invalid_json")
         location = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(location) or None
         received = first.get("input")
