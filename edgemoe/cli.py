@@ -21,8 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Run Mixture-of-Experts language models larger than RAM: experts stream from storage "
         "into a byte-budgeted cache."))
     parser.add_argument("--version", action="version", version=f"edgemoe {__version__}")
-    parser.add_argument("--log-level", default="warning",
-                        choices=["debug", "info", "warning", "error"], help="logging level (default warning)")
+    parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+                        help="logging level (default: info for serve, warning otherwise)")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     export_cli.add_parsers(subparsers)
     runtime_cli.add_parsers(subparsers)
@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.log_level is None:
+        args.log_level = "info" if args.command == "serve" else "warning"
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
@@ -43,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception as exc:  # one line for the user; the traceback only at --log-level debug
         logger.debug("command failed", exc_info=True)
-        print(f"edgemoe: error: {exc}", file=sys.stderr)
+        message = str(exc)
+        if isinstance(exc, OSError) and exc.strerror and exc.filename:
+            message = f"{exc.filename}: {exc.strerror.lower()}"
+        print(f"edgemoe: error: {message}", file=sys.stderr)
         return 1
 
 

@@ -69,8 +69,11 @@ class Checkpoint:
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        if not self.directory.is_dir():
+        if not self.directory.exists():
             raise CheckpointError(f"checkpoint directory {self.directory} not found")
+        if not self.directory.is_dir():
+            raise CheckpointError(f"checkpoint path {self.directory} is not a directory; give the folder "
+                                  "that holds config.json and the safetensors files")
         self.config = self._read_json("config.json", required=True)
         self.generation_config = self._read_json("generation_config.json", required=False)
         self._files: dict[str, SafetensorsFile] = {}

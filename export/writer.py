@@ -71,9 +71,7 @@ def export_checkpoint(source: str | Path, out: str | Path, dtype: str = "fp32",
     if dtype not in DTYPES:
         raise ValueError(f"invalid dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output directory {out} exists and is not empty; "
-                              "choose another path or pass --overwrite")
+    _check_output(Path(source), out, overwrite)
     checkpoint = Checkpoint(source)
     if not (checkpoint.directory / "tokenizer.json").is_file():
         raise CheckpointError(f"tokenizer.json not found in {checkpoint.directory}; edgemoe needs the "
@@ -109,6 +107,23 @@ def export_checkpoint(source: str | Path, out: str | Path, dtype: str = "fp32",
         seconds=time.perf_counter() - started)
     logger.info(summary.describe())
     return summary
+
+
+def _check_output(source: Path, out: Path, overwrite: bool) -> None:
+    """Reject an OUT that would lose data: a non-bundle directory, a file, or the checkpoint itself."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output path {out} exists and is not a directory; choose another path")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"output directory {out} exists and is not empty; "
+                              "choose another path or pass --overwrite to replace a bundle there")
+    if not (out / MANIFEST_NAME).is_file():
+        raise FileExistsError(f"--overwrite only replaces an edgemoe bundle, and {out} has no {MANIFEST_NAME}; "
+                              "choose another output path")
+    resolved_source, resolved_out = source.resolve(), out.resolve()
+    if resolved_out == resolved_source or resolved_out in resolved_source.parents:
+        raise FileExistsError(f"output directory {out} contains the checkpoint {source}; choose another path")
 
 
 def _write_bundle(arch, checkpoint: Checkpoint, bundle: Path, dtype: str, progress: bool) -> Manifest:

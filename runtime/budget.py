@@ -26,8 +26,8 @@ def parse_size(text: str, total: int | None = None) -> int:
     """
     match = _PATTERN.match(str(text))
     if not match:
-        raise BudgetError(f"invalid size {text!r}: expected a number with a unit such as 300MB, "
-                          "1.5GiB or a percentage such as 25%")
+        raise BudgetError(f"invalid size {text!r}: expected a number of bytes with an optional unit "
+                          "(300MB, 1.5GiB) or a percentage (25%)")
     number, unit = float(match.group(1)), match.group(2).upper()
     if unit == "%":
         if total is None:

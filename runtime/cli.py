@@ -21,7 +21,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "of the bundle's expert bytes (25%%); default auto: all experts, capped at "
                              "half the available memory")
     parser.add_argument("--threads", type=int, default=0,
-                        help="threads per dense onnxruntime session (default: min(4, cores))")
+                        help="threads per dense onnxruntime session; 0 picks min(4, cores) (default 0)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the sha256 check of bundle files on first use")
 
@@ -32,19 +32,26 @@ def add_parsers(subparsers) -> None:
     add_model_arguments(gen)
     gen.add_argument("--prompt", required=True, help="prompt text")
     gen.add_argument("--max-tokens", type=int, default=128, help="maximum generated tokens (default 128)")
-    gen.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
-    gen.add_argument("--top-k", type=int, default=40, help="sample from the K most likely tokens; 0 disables")
-    gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass in (0, 1]; 1 disables")
-    gen.add_argument("--seed", type=int, default=None, help="random seed; the same seed gives the same text")
+    gen.add_argument("--temperature", type=float, default=0.8,
+                     help="sampling temperature in [0, 100]; 0 is greedy (default 0.8)")
+    gen.add_argument("--top-k", type=int, default=40,
+                     help="sample from the K most likely tokens; 0 disables (default 40)")
+    gen.add_argument("--top-p", type=float, default=0.95,
+                     help="nucleus sampling mass in (0, 1]; 1 disables (default 0.95)")
+    gen.add_argument("--seed", type=int, default=None,
+                     help="random seed in [0, 2^63); the same seed gives the same text (default: random)")
     gen.add_argument("--json", action="store_true",
-                     help="print one JSON object (text, token ids, finish reason, stats) instead")
+                     help="print one JSON object (text, token ids, finish reason, stats) instead of the "
+                          "text and the statistics line")
     gen.set_defaults(run=run_generate)
 
     ev = subparsers.add_parser("eval", help="perplexity of a text file",
                                description="Mean negative log-likelihood per token and perplexity of a text file.")
     add_model_arguments(ev)
-    ev.add_argument("--text", required=True, help="UTF-8 text file to score")
-    ev.add_argument("--window", type=int, default=256, help="tokens per independently scored window (default 256)")
+    ev.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file to score")
+    ev.add_argument("--window", type=int, default=None,
+                    help="tokens per independently scored window (default: 256, or the context window "
+                         "when it is shorter)")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a summary line")
     ev.set_defaults(run=run_eval)
 
@@ -63,9 +70,18 @@ def stats_line(result: GenerationResult) -> str:
             f"of {format_bytes(s.expert_budget_bytes)} budget; peak RSS {format_bytes(s.peak_rss_bytes)}")
 
 
+def _validate_flags(params: SamplingParams) -> None:
+    """Validate sampling values, naming the command-line flag in the error."""
+    try:
+        params.validate()
+    except ValueError as exc:
+        field, _, rest = str(exc).partition(" ")
+        raise ValueError(f"--{field.replace('_', '-')} {rest}") from None
+
+
 def run_generate(args) -> int:
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    params.validate()
+    _validate_flags(params)
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     model = _load(args)
@@ -75,12 +91,18 @@ def run_generate(args) -> int:
     if not args.json:
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
-    for event in model.generator.stream(prompt_ids, args.max_tokens, params):
-        if event.result is not None:
-            result = event.result
-        elif not args.json:
-            sys.stdout.write(event.text)
+    try:
+        for event in model.generator.stream(prompt_ids, args.max_tokens, params):
+            if event.result is not None:
+                result = event.result
+            elif not args.json:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+    except Exception:
+        if not args.json:
+            sys.stdout.write("\n")  # end the partial text so the error starts on its own line
             sys.stdout.flush()
+        raise
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
@@ -97,8 +119,12 @@ def run_eval(args) -> int:
     except UnicodeDecodeError as exc:
         raise ValueError(f"--text {args.text} is not UTF-8 text: {exc}") from None
     model = _load(args)
+    window = args.window if args.window is not None else min(256, model.engine.context_length)
+    if not 2 <= window <= model.engine.context_length:
+        raise ValueError(f"--window must be in [2, {model.engine.context_length}] (the context window), "
+                         f"got {window}")
     with tqdm(desc="eval", unit="tok", disable=args.json or not sys.stderr.isatty()) as bar:
-        result = evaluate(model.engine, model.tokenizer, text, args.window, progress=bar.update)
+        result = evaluate(model.engine, model.tokenizer, text, window, progress=bar.update)
     if args.json:
         print(json.dumps(result.as_dict()))
     else:

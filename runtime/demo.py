@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from edgemoe import __version__
@@ -53,8 +54,11 @@ def demo_bundle() -> Path:
     except ImportError as exc:
         raise RuntimeError(
             "the built-in demo model is exported on first use, which needs the onnx package "
-            f"({exc}); install it with `pip install 'edgemoe[export]'` or pass a bundle directory") from exc
+            f"({exc}); install the export extra (pip install '.[export]' in a checkout, "
+            "pip install 'edgemoe[export]' otherwise) or pass a bundle directory") from exc
     logger.info("exporting the built-in demo model to %s (first use)", bundle)
     bundle.parent.mkdir(parents=True, exist_ok=True)
+    if bundle.exists():
+        shutil.rmtree(bundle)  # an incomplete earlier copy: it has no manifest
     export_checkpoint(DEMO_CHECKPOINT, bundle, dtype="fp32", overwrite=True, progress=False)
     return bundle

@@ -34,7 +34,10 @@ def resolve_bundle(path: str | Path | None) -> Path:
     if path is None:
         from edgemoe.runtime.demo import demo_bundle
         return demo_bundle()
-    return Path(path)
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"bundle directory {path} not found")
+    return path
 
 
 def available_memory_bytes() -> int | None:
@@ -56,7 +59,7 @@ def resolve_budget(text: str | None, manifest: Manifest) -> int:
     below the minimum the model needs.
     """
     total = manifest.expert_bytes
-    if text is None or text == AUTO_BUDGET:
+    if text is None or text.strip().lower() == AUTO_BUDGET:
         budget = total
         available = available_memory_bytes()
         if available is not None and available // 2 < total:

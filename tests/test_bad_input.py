@@ -299,3 +299,26 @@ def test_budget_error_names_option(tiny_bundle):
         resolve_budget("12Q", load_manifest(tiny_bundle))
 
     assert "--expert-budget" in str(error.value)
+
+
+def test_overwrite_keeps_non_bundle_directory(tmp_path):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "important.txt").write_text("keep")
+
+    with pytest.raises(FileExistsError) as error:
+        export_checkpoint(checkpoint_dir("tiny-mixtral"), out, overwrite=True, progress=False)
+
+    assert "manifest.json" in str(error.value)
+    assert (out / "important.txt").read_text() == "keep"
+
+
+def test_overwrite_rejects_checkpoint_parent(tmp_path, checkpoint_copy, tiny_bundle):
+    checkpoint = checkpoint_copy("tiny-mixtral")
+    shutil.copy(tiny_bundle / "manifest.json", checkpoint.parent / "manifest.json")
+
+    with pytest.raises(FileExistsError) as error:
+        export_checkpoint(checkpoint, checkpoint.parent, overwrite=True, progress=False)
+
+    assert "contains the checkpoint" in str(error.value)
+    assert (checkpoint / "config.json").is_file()

@@ -129,12 +129,12 @@ def error_files(tmp_path_factory):
 
 
 ERROR_CASES = {
-    "missing-bundle": (["generate", "{files}/no-such-bundle", "--prompt", "x"], "manifest.json not found"),
+    "missing-bundle": (["generate", "{files}/no-such-bundle", "--prompt", "x"], "not found"),
     "invalid-budget": (["generate", "{demo}", "--prompt", "x", "--expert-budget", "12Q"], "'12Q'"),
     "budget-too-small": (["generate", "{demo}", "--prompt", "x", "--expert-budget", "1KB"], "at least"),
     "zero-max-tokens": (["generate", "{demo}", "--prompt", "x", "--max-tokens", "0"], "--max-tokens"),
-    "negative-temperature": (["generate", "{demo}", "--prompt", "x", "--temperature", "-1"], "temperature"),
-    "top-p-zero": (["generate", "{demo}", "--prompt", "x", "--top-p", "0"], "top_p"),
+    "negative-temperature": (["generate", "{demo}", "--prompt", "x", "--temperature", "-1"], "--temperature"),
+    "top-p-zero": (["generate", "{demo}", "--prompt", "x", "--top-p", "0"], "--top-p"),
     "prompt-too-long": (["generate", "{demo}", "--prompt", "dog " * 600, "--json"], "512"),
     "eval-window-one": (["eval", "{demo}", "--text", "{files}/one-token.txt", "--window", "1"], "window"),
     "eval-not-utf8": (["eval", "{demo}", "--text", "{files}/not-utf8.txt"], "not UTF-8"),
