@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -12,6 +12,7 @@ from edgemoe.runtime.detokenizer import IncrementalDetokenizer
 from edgemoe.runtime.engine import ContextLengthError, Engine
 from edgemoe.runtime.sampling import Sampler, SamplingParams
 from edgemoe.runtime.stats import peak_rss_bytes
+from edgemoe.runtime.stop import StopStringMatcher
 from edgemoe.runtime.tokenizer import BundleTokenizer
 
 
@@ -41,7 +42,9 @@ class GenerationResult:
 
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (EOS), "length" (max_tokens or context window full)
+    # "stop" (EOS or a stop string), "length" (max_tokens or context window full),
+    # "time_limit" (deadline passed), "cancelled" (the caller gave up)
+    finish_reason: str
     stats: GenerationStats
 
     def as_dict(self) -> dict:
@@ -72,10 +75,18 @@ class Generator:
         if not prompt_ids:
             raise ValueError("the prompt is empty and the tokenizer adds no BOS token; give a prompt")
 
-    def stream(self, prompt_ids: list[int], max_tokens: int, params: SamplingParams) -> Iterator[GenerationEvent]:
+    def stream(self, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
+               stop: list[str] | None = None, cancelled: Callable[[], bool] | None = None,
+               deadline: float | None = None) -> Iterator[GenerationEvent]:
         """Generate up to `max_tokens` tokens after `prompt_ids`.
 
-        Yields a GenerationEvent per token, then one whose `result` is set.
+        Args:
+            stop: strings that end generation; the text is cut before the first match.
+            cancelled: polled before each token; True ends generation ("cancelled").
+            deadline: `time.monotonic()` value after which generation ends ("time_limit").
+
+        Yields a GenerationEvent per token (its text may be empty while a multi-byte character
+        or a possible stop string is incomplete), then one whose `result` is set.
 
         Raises:
             ContextLengthError: the prompt does not fit the context window.
@@ -84,14 +95,14 @@ class Generator:
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         self.check_prompt(prompt_ids)
-        sampler = Sampler(params)
+        sampler = Sampler(params, prompt_ids)
         store = self.engine.store
         before = store.stats.as_dict()
         store.stats.peak_resident_bytes = store.resident_bytes
         detok = IncrementalDetokenizer(self.tokenizer.tokenizer)
+        matcher = StopStringMatcher(stop or [])
         cache = self.engine.new_cache()
-        room = self.engine.context_length - len(prompt_ids)
-        limit = min(max_tokens, room)
+        limit = min(max_tokens, self.engine.context_length - len(prompt_ids))
 
         started = time.perf_counter()
         logits = self.engine.forward(np.asarray(prompt_ids), cache)
@@ -102,28 +113,50 @@ class Generator:
         finish_reason = "length"
         decode_started = time.perf_counter()
         while len(generated) < limit:
+            if cancelled is not None and cancelled():
+                finish_reason = "cancelled"
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                finish_reason = "time_limit"
+                break
             token = sampler(logits[-1])
             if token in self.tokenizer.eos_token_ids:
                 finish_reason = "stop"
                 break
             generated.append(token)
-            delta = detok.add(token)
+            sampler.accept(token)
+            delta = matcher.feed(detok.add(token))
             text_parts.append(delta)
             yield GenerationEvent(token_id=token, text=delta)
+            if matcher.stopped:
+                finish_reason = "stop"
+                break
             if len(generated) < limit:
                 logits = self.engine.forward(np.asarray([token]), cache)
-        tail = detok.flush()
-        if tail:
-            text_parts.append(tail)
-            yield GenerationEvent(text=tail)
+        if not matcher.stopped:
+            tail = matcher.feed(detok.flush())
+            if matcher.stopped:
+                finish_reason = "stop"
+            else:
+                tail += matcher.flush()
+            if tail:
+                text_parts.append(tail)
+                yield GenerationEvent(text=tail)
         decode_seconds = time.perf_counter() - decode_started
 
+        yield GenerationEvent(result=GenerationResult(
+            text="".join(text_parts), token_ids=generated, finish_reason=finish_reason,
+            stats=self._stats(before, len(prompt_ids), len(generated), prefill_seconds, decode_seconds)))
+
+    def _stats(self, before: dict, prompt_tokens: int, generated: int, prefill_seconds: float,
+               decode_seconds: float) -> GenerationStats:
+        store = self.engine.store
         after = store.stats.as_dict()
-        steps = max(len(generated) - 1, 0)
-        stats = GenerationStats(
-            prompt_tokens=len(prompt_ids), generated_tokens=len(generated),
+        steps = max(generated - 1, 0)
+        return GenerationStats(
+            prompt_tokens=prompt_tokens, generated_tokens=generated,
             prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
-            prefill_tokens_per_second=len(prompt_ids) / prefill_seconds if prefill_seconds else 0.0,
+            prefill_tokens_per_second=prompt_tokens / prefill_seconds if prefill_seconds else 0.0,
             decode_tokens_per_second=steps / decode_seconds if steps and decode_seconds else 0.0,
             expert_loads=after["loads"] - before["loads"], cache_hits=after["hits"] - before["hits"],
             cache_misses=after["misses"] - before["misses"],
@@ -131,11 +164,11 @@ class Generator:
             load_seconds=after["load_seconds"] - before["load_seconds"],
             peak_resident_expert_bytes=after["peak_resident_bytes"],
             expert_budget_bytes=store.budget_bytes, peak_rss_bytes=peak_rss_bytes())
-        yield GenerationEvent(result=GenerationResult(text="".join(text_parts), token_ids=generated,
-                                                      finish_reason=finish_reason, stats=stats))
 
-    def generate(self, prompt_ids: list[int], max_tokens: int, params: SamplingParams) -> GenerationResult:
-        for event in self.stream(prompt_ids, max_tokens, params):
+    def generate(self, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
+                 **options) -> GenerationResult:
+        """Run `stream` to the end and return its result; `options` are those of `stream`."""
+        for event in self.stream(prompt_ids, max_tokens, params, **options):
             if event.result is not None:
                 return event.result
         raise AssertionError("stream ended without a result")

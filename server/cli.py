@@ -1,32 +1,94 @@
-"""`edgemoe serve`."""
+"""`edgemoe serve`. Every flag has an EDGEMOE_* environment twin (flags win)."""
 
 from __future__ import annotations
 
+import argparse
 import logging
+import socket
 
 logger = logging.getLogger(__name__)
+
+# flag -> (settings field, type, help)
+_FLAGS = {
+    "--host": ("host", str, "bind address (default 127.0.0.1; 0.0.0.0 serves the whole network)"),
+    "--port": ("port", int, "TCP port (default 8000)"),
+    "--model-id": ("model_id", str, "model id reported by /v1/models (default: the bundle's name)"),
+    "--api-key": ("api_key", str, "require 'Authorization: Bearer KEY' on every route but /health"),
+    "--queue-size": ("queue_size", int, "requests that may wait behind the running one (default 8)"),
+    "--request-timeout": ("request_timeout", float, "seconds one request may generate (default 300)"),
+    "--max-body-bytes": ("max_body_bytes", int, "largest request body in bytes (default 1000000)"),
+    "--max-prompt-tokens": ("max_prompt_tokens", int, "longest prompt in tokens (default: context window)"),
+    "--cors-origin": ("cors_origins", str, "allow this origin through CORS; repeat for more (default: CORS off)"),
+}
 
 
 def add_parsers(subparsers) -> None:
     from edgemoe.runtime.cli import add_model_arguments
 
-    parser = subparsers.add_parser("serve", help="serve the model over HTTP",
-                                   description="Serve POST /generate and GET /health over HTTP.")
+    parser = subparsers.add_parser(
+        "serve", help="serve the model over HTTP (OpenAI-compatible and /generate)",
+        description="Serve /v1/chat/completions, /v1/completions, /v1/models, /generate, /health and "
+                    "/metrics. Every flag also reads an EDGEMOE_* environment variable "
+                    "(e.g. EDGEMOE_API_KEY); flags win.")
     add_model_arguments(parser)
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="bind address (default 127.0.0.1; 0.0.0.0 serves the whole network)")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    for flag, (field, kind, help_text) in _FLAGS.items():
+        action = "append" if field == "cors_origins" else "store"
+        parser.add_argument(flag, dest=field, type=kind, default=None, action=action, help=help_text)
     parser.set_defaults(run=run_serve)
 
 
-def run_serve(args) -> int:
+def _settings_error(exc) -> ValueError:
+    """One line naming the flag, its allowed range and the value, from a pydantic ValidationError."""
+    first = exc.errors()[0]
+    field = str(first["loc"][0]) if first.get("loc") else "settings"
+    flag = next((f for f, (name, _, _) in _FLAGS.items() if name == field), f"--{field.replace('_', '-')}")
+    return ValueError(f"{flag} (or EDGEMOE_{field.upper()}): {first['msg'].lower()}, got {first.get('input')!r}")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail before loading anything when the address is taken (uvicorn would exit later with a raw error)."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another port with --port "
+                             "or stop the process using it") from None
+
+
+def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from pydantic import ValidationError
 
+    from edgemoe.runtime.loading import resolve_budget, resolve_bundle
+    from edgemoe.runtime.manifest import load_manifest
     from edgemoe.server.app import create_app
+    from edgemoe.server.settings import ServerSettings
 
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    app = create_app(args.bundle, args.expert_budget, args.threads, verify=not args.no_verify)
-    logger.info("serving on http://%s:%d", args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    overrides = {field: getattr(args, field) for field, _, _ in _FLAGS.values() if getattr(args, field) is not None}
+    if args.bundle is not None:
+        overrides["bundle"] = args.bundle
+    if args.expert_budget is not None:
+        overrides["expert_budget"] = args.expert_budget
+    if args.threads:
+        overrides["threads"] = args.threads
+    if args.no_verify:
+        overrides["verify"] = False
+    try:
+        settings = ServerSettings(**overrides)
+    except ValidationError as exc:
+        raise _settings_error(exc) from None
+    # Fail now on a bad bundle or budget rather than serving a model that will never load.
+    bundle = resolve_bundle(settings.bundle)
+    resolve_budget(settings.expert_budget, load_manifest(bundle))
+    settings.bundle = str(bundle)
+    _check_port_free(settings.host, settings.port)
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        logger.warning("serving on %s without an API key: anyone on the network can use this server; "
+                       "set --api-key or EDGEMOE_API_KEY", settings.host)
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False)
     return 0

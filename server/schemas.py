@@ -1,17 +1,102 @@
-"""Request and response bodies of the native routes."""
+"""Request and response bodies. Unknown request fields are ignored, as OpenAI's API does."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+from edgemoe.runtime.sampling import SamplingParams
 
 
-class GenerateRequest(BaseModel):
+class SamplingFields(BaseModel):
+    """Sampling and stopping fields shared by every generation route.
+
+    Numbers and booleans are strict, as in OpenAI's API: "10" or true for max_tokens is a 400,
+    not 10 or 1.
+    """
+
+    max_tokens: int | None = Field(None, strict=True, ge=1, description="maximum generated tokens")
+    temperature: float = Field(1.0, strict=True, ge=0.0, le=2.0, description="0 is greedy")
+    top_p: float = Field(1.0, strict=True, gt=0.0, le=1.0)
+    top_k: int = Field(0, strict=True, ge=0, description="0 disables")
+    min_p: float = Field(0.0, strict=True, ge=0.0, le=1.0)
+    presence_penalty: float = Field(0.0, strict=True, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, strict=True, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, strict=True, gt=0.0, le=10.0)
+    seed: int | None = Field(None, strict=True, ge=0, lt=2**63)
+    stop: str | list[str] | None = Field(None, description="up to 4 stop strings")
+    stream: bool = Field(False, strict=True)
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value):
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError(f"at most 4 stop strings are allowed, got {len(value)}")
+        return value
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                              min_p=self.min_p, presence_penalty=self.presence_penalty,
+                              frequency_penalty=self.frequency_penalty,
+                              repetition_penalty=self.repetition_penalty, seed=self.seed)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class OpenAIFields(SamplingFields):
+    model: str | None = None
+    n: int = Field(1, strict=True, description="only 1 is supported")
+    user: str | None = None
+    stream_options: StreamOptions | None = None
+    max_completion_tokens: int | None = Field(None, strict=True, ge=1)
+
+    @field_validator("n")
+    @classmethod
+    def _check_n(cls, value):
+        if value != 1:
+            raise ValueError(f"only n=1 is supported (one completion per request), got {value}")
+        return value
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict] | None = ""
+
+    def text(self) -> str:
+        """The message text; list content keeps its `text` parts (images are not supported)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+
+
+class ChatCompletionRequest(OpenAIFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class CompletionRequest(OpenAIFields):
+    prompt: str
+    echo: bool = Field(False, strict=True)
+
+
+class GenerateRequest(SamplingFields):
     prompt: str = Field(description="prompt text; special-token markup in it is encoded as text")
-    max_tokens: int = Field(128, ge=1, description="maximum generated tokens")
-    temperature: float = Field(0.8, ge=0.0, le=100.0, description="0 is greedy")
-    top_k: int = Field(40, ge=0, description="sample from the K most likely tokens; 0 disables")
-    top_p: float = Field(0.95, gt=0.0, le=1.0, description="nucleus sampling mass; 1 disables")
-    seed: int | None = Field(None, ge=0, lt=2**63, description="random seed")
+    max_tokens: int | None = Field(128, strict=True, ge=1)
+    temperature: float = Field(0.8, strict=True, ge=0.0, le=100.0)
+    top_k: int = Field(40, strict=True, ge=0)
+    top_p: float = Field(0.95, strict=True, gt=0.0, le=1.0)
 
 
 class Usage(BaseModel):

@@ -143,6 +143,8 @@ ERROR_CASES = {
     "export-existing-out": (["export", "{checkpoint}", "{files}/notes"], "--overwrite"),
     "export-missing-source": (["export", "{files}/no-checkpoint", "{files}/out"], "not found"),
     "serve-invalid-port": (["serve", "{demo}", "--port", "70000"], "--port"),
+    "serve-missing-bundle": (["serve", "{files}/no-such-bundle", "--port", "0"], "not found"),
+    "serve-invalid-budget": (["serve", "{demo}", "--port", "0", "--expert-budget", "12Q"], "'12Q'"),
 }
 
 

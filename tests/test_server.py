@@ -27,6 +27,7 @@ import edgemoe.server.app as app_module
 from edgemoe.runtime.manifest import load_manifest
 from edgemoe.runtime.tokenizer import BundleTokenizer
 from edgemoe.server.app import create_app
+from edgemoe.server.settings import ServerSettings
 
 START_TIMEOUT_SECONDS = 30
 READY_TIMEOUT_SECONDS = 60
@@ -85,7 +86,7 @@ def assert_error_shape(response: httpx.Response, status: int) -> dict:
 
 @pytest.fixture(scope="module")
 def demo_client(demo_bundle):
-    with running_server(create_app(str(demo_bundle))) as url:
+    with running_server(create_app(ServerSettings(bundle=str(demo_bundle)))) as url:
         with httpx.Client(base_url=url, timeout=60) as client:
             wait_for_health(client, 200)
             yield client
@@ -192,7 +193,7 @@ def test_health_503_while_loading(tiny_bundle, monkeypatch):
         return load_model(*args, **kwargs)
 
     monkeypatch.setattr(app_module, "load_model", gated_load_model)
-    with running_server(create_app(str(tiny_bundle))) as url, httpx.Client(base_url=url, timeout=60) as client:
+    with running_server(create_app(ServerSettings(bundle=str(tiny_bundle)))) as url, httpx.Client(base_url=url, timeout=60) as client:
         try:
             health = assert_error_shape(client.get("/health"), 503)
             generate = client.post("/generate", json={"prompt": PROMPT})
@@ -211,9 +212,14 @@ def test_health_503_while_loading(tiny_bundle, monkeypatch):
 def test_health_503_after_failed_load(tmp_path):
     missing = tmp_path / "no-such-bundle"
 
-    with running_server(create_app(str(missing))) as url, httpx.Client(base_url=url, timeout=60) as client:
+    app = create_app(ServerSettings(bundle=str(missing)))
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=60) as client:
         response = wait_for_health(client, 503, changed_from="model is loading")
+        generate = client.post("/generate", json={"prompt": "Once"})
 
     error = assert_error_shape(response, 503)
     assert "failed to load" in error["message"]
     assert str(missing) in error["message"]
+    generate_error = assert_error_shape(generate, 503)
+    assert "failed to load" in generate_error["message"]
+    assert generate_error["code"] == "model_load_failed"

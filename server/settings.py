@@ -1,0 +1,24 @@
+"""Server settings: every field has a command-line flag and an `EDGEMOE_<FIELD>` environment twin."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EDGEMOE_", extra="ignore")
+
+    bundle: str | None = Field(None, description="bundle directory; None serves the built-in demo model")
+    expert_budget: str | None = Field(None, description="expert budget: size, percentage or auto")
+    threads: int = Field(0, ge=0, description="threads per dense session; 0 picks min(4, cores)")
+    verify: bool = Field(True, description="check sha256 of bundle files before first use")
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    model_id: str | None = Field(None, description="model id in /v1/models; default: the bundle's name")
+    api_key: str | None = Field(None, description="Bearer token required on every route but /health")
+    queue_size: int = Field(8, ge=1, le=1024, description="requests waiting behind the running one")
+    request_timeout: float = Field(300.0, gt=0, description="seconds one request may generate")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="largest accepted request body")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="longest accepted prompt; default: context window")
+    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS; empty disables CORS")
