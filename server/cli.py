@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,9 @@ def _settings_error(exc) -> ValueError:
     """One line naming the flag, its allowed range and the value, from a pydantic ValidationError."""
     first = exc.errors()[0]
     field = str(first["loc"][0]) if first.get("loc") else "settings"
-    flag = next((f for f, (name, _, _) in _FLAGS.items() if name == field), f"--{field.replace('_', '-')}")
+    named = {"verify": "--no-verify", "preload": "--no-preload", "cors_origins": "--cors-origin"}
+    flag = next((f for f, (name, _, _) in _FLAGS.items() if name == field),
+                named.get(field, f"--{field.replace('_', '-')}"))
     return ValueError(f"{flag} (or EDGEMOE_{field.upper()}): {first['msg'].lower()}, got {first.get('input')!r}")
 
 
@@ -63,6 +66,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
+    from edgemoe.runtime.expert_store import BudgetTooSmallError
     from edgemoe.runtime.loading import resolve_budget, resolve_bundle
     from edgemoe.runtime.manifest import load_manifest
     from edgemoe.server.app import create_app
@@ -73,7 +77,7 @@ def run_serve(args: argparse.Namespace) -> int:
         overrides["bundle"] = args.bundle
     if args.expert_budget is not None:
         overrides["expert_budget"] = args.expert_budget
-    if args.threads:
+    if args.threads != 0 or "EDGEMOE_THREADS" not in os.environ:
         overrides["threads"] = args.threads
     if args.no_verify:
         overrides["verify"] = False
@@ -83,7 +87,13 @@ def run_serve(args: argparse.Namespace) -> int:
         raise _settings_error(exc) from None
     # Fail now on a bad bundle or budget rather than serving a model that will never load.
     bundle = resolve_bundle(settings.bundle)
-    resolve_budget(settings.expert_budget, load_manifest(bundle))
+    manifest = load_manifest(bundle)
+    budget = resolve_budget(settings.expert_budget, manifest)
+    if budget < manifest.min_expert_budget:
+        raise BudgetTooSmallError(
+            f"expert budget {budget} bytes is smaller than one layer's top-{manifest.config.num_experts_per_tok} "
+            f"experts ({manifest.min_expert_budget} bytes); set --expert-budget to at least "
+            f"{manifest.min_expert_budget} bytes ({manifest.min_expert_budget / 1e6:.2f} MB)")
     settings.bundle = str(bundle)
     _check_port_free(settings.host, settings.port)
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:

@@ -3,6 +3,7 @@ as OpenAI's API returns it. Validation errors are reported as 400, like OpenAI d
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -50,6 +51,14 @@ def _field_location(errors: list[dict]) -> list[str]:
     return location
 
 
+def _as_json(value) -> str:
+    """A received value as the client wrote it (JSON), not as Python prints it."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
 def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None, str]:
     """Return the message, the field and the error code of a failed validation."""
     errors = exc.errors()
@@ -70,7 +79,7 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None, 
     received = first.get("input")
     text = f"{param or 'request body'}: {message}"
     if received is not None and not isinstance(received, (dict, list)) and first.get("type") != "missing":
-        text += f" (received {received!r})"
+        text += f" (received {_as_json(received)})"
     return text, param, "invalid_value"
 
 

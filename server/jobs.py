@@ -32,7 +32,7 @@ def check_length(request: Request, prompt_tokens: int, max_tokens: int | None) -
     limit = state.settings.max_prompt_tokens
     if limit is not None and prompt_tokens > limit:
         raise ApiError(400, f"the prompt has {prompt_tokens} tokens; this server accepts at most {limit} "
-                            "(max_prompt_tokens)", param="prompt", code="prompt_too_long")
+                            "(--max-prompt-tokens)", param="prompt", code="prompt_too_long")
     if prompt_tokens >= context:
         raise ApiError(400, f"the prompt has {prompt_tokens} tokens but the context window is {context} "
                             "tokens; shorten the prompt", param="prompt", code="context_length_exceeded")

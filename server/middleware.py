@@ -68,7 +68,8 @@ class RequestGuard:
         supplied = headers.get(b"authorization", b"").decode("latin-1")
         token = supplied[7:] if supplied.lower().startswith("bearer ") else ""
         if not token or not hmac.compare_digest(token.encode(), key.encode()):
-            message = "missing API key: send 'Authorization: Bearer <key>'" if not token else "invalid API key"
+            message = ("missing API key: send the header 'Authorization: Bearer <key>'" if not token else
+                       "invalid API key: send the key the server was started with (--api-key)")
             return 401, message, "invalid_api_key", {"www-authenticate": "Bearer"}
         return None
 
@@ -77,7 +78,7 @@ class RequestGuard:
         limit = self.settings.max_body_bytes
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
-        too_large = (413, f"request body exceeds the limit of {limit} bytes (max_body_bytes)",
+        too_large = (413, f"request body exceeds the limit of {limit} bytes (--max-body-bytes)",
                      "body_too_large", {})
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return receive, too_large

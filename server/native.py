@@ -13,6 +13,7 @@ from edgemoe.server.errors import ApiError, error_body, error_response
 from edgemoe.server.schemas import ErrorResponse, GenerateRequest, GenerateResponse
 
 router = APIRouter()
+DEFAULT_MAX_TOKENS = 128
 
 
 def require_worker(request: Request):
@@ -31,7 +32,7 @@ async def health(request: Request):
     state = request.app.state
     if state.worker is None:
         message = f"the model failed to load: {state.load_error}" if state.load_error else "the model is loading"
-        return error_response(503, message, code="model_not_ready")
+        return error_response(503, message, code="model_load_failed" if state.load_error else "model_not_ready")
     return {"status": "ok", "model": state.model_id}
 
 
@@ -56,7 +57,11 @@ async def generate(body: GenerateRequest, request: Request):
     last one before `[DONE]` is the whole response body with `"done": true`."""
     worker = require_worker(request)
     prompt_ids = worker.model.tokenizer.encode(body.prompt)
-    max_tokens = jobs.check_length(request, len(prompt_ids), body.max_tokens)
+    max_tokens = body.max_tokens
+    if max_tokens is None:
+        # The documented default, shortened when the prompt leaves less room.
+        max_tokens = max(1, min(DEFAULT_MAX_TOKENS, worker.model.engine.context_length - len(prompt_ids)))
+    max_tokens = jobs.check_length(request, len(prompt_ids), max_tokens)
     job = jobs.submit(request, prompt_ids, max_tokens, body.sampling_params(), body.stop_list())
     if not body.stream:
         result = await jobs.collect(request, job)

@@ -51,8 +51,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 @router.post("/completions", responses=_ERRORS)
 async def completions(body: CompletionRequest, request: Request):
     worker = require_worker(request)
-    prompt_ids = worker.model.tokenizer.encode(body.prompt)
-    return await _complete(request, body, prompt_ids, chat=False, echo=body.prompt if body.echo else "")
+    prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
+    if isinstance(prompt, list):  # token ids
+        vocab = worker.model.manifest.config.vocab_size
+        if not all(0 <= t < vocab for t in prompt):
+            raise ApiError(400, f"prompt token ids must be in [0, {vocab}) (the vocabulary)", param="prompt",
+                           code="invalid_value")
+        prompt_ids, text = list(prompt), worker.model.tokenizer.decode(prompt)
+    else:
+        prompt_ids, text = worker.model.tokenizer.encode(prompt), prompt
+    return await _complete(request, body, prompt_ids, chat=False, echo=text if body.echo else "")
 
 
 async def _complete(request: Request, body, prompt_ids: list[int], chat: bool, echo: str = ""):

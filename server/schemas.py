@@ -62,7 +62,7 @@ class OpenAIFields(SamplingFields):
     @classmethod
     def _check_n(cls, value):
         if value != 1:
-            raise ValueError(f"only n=1 is supported (one completion per request), got {value}")
+            raise ValueError("only n=1 is supported (one completion per request)")
         return value
 
     def requested_max_tokens(self) -> int | None:
@@ -84,16 +84,64 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(OpenAIFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = None
+    tools: list | None = None
+    response_format: dict | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _check_messages(cls, value):
+        if not value:
+            raise ValueError("messages is empty; send at least one message")
+        for message in value:
+            if isinstance(message.content, list) and any(p.get("type") != "text" for p in message.content):
+                raise ValueError("only text content parts are supported (no images or audio)")
+        return value
+
+    @field_validator("logprobs", "tools")
+    @classmethod
+    def _unsupported(cls, value, info):
+        if value:
+            raise ValueError(f"{info.field_name} is not supported by edgemoe; leave it out")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value):
+        if value and value.get("type", "text") != "text":
+            raise ValueError(f"response_format {value.get('type')!r} is not supported; only text")
+        return value
 
 
 class CompletionRequest(OpenAIFields):
-    prompt: str
+    # OpenAI also accepts a list: one string, or one list of token ids, is served here.
+    prompt: str | list[str] | list[int]
     echo: bool = Field(False, strict=True)
+    logprobs: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, value):
+        if isinstance(value, list) and value and isinstance(value[0], str) and len(value) != 1:
+            raise ValueError(f"only one prompt per request is supported, got a list of {len(value)}")
+        if isinstance(value, list) and not value:
+            raise ValueError("the prompt list is empty; give a string")
+        return value
+
+    @field_validator("logprobs", "suffix")
+    @classmethod
+    def _unsupported(cls, value, info):
+        if value not in (None, 0, ""):
+            raise ValueError(f"{info.field_name} is not supported by edgemoe; leave it out")
+        return value
 
 
 class GenerateRequest(SamplingFields):
     prompt: str = Field(description="prompt text; special-token markup in it is encoded as text")
-    max_tokens: int | None = Field(128, strict=True, ge=1)
+    max_tokens: int | None = Field(None, strict=True, ge=1,
+                                   description="maximum generated tokens; default 128, or less when the "
+                                               "context window has less room")
     temperature: float = Field(0.8, strict=True, ge=0.0, le=100.0)
     top_k: int = Field(40, strict=True, ge=0)
     top_p: float = Field(0.95, strict=True, gt=0.0, le=1.0)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class ServerSettings(BaseSettings):
@@ -21,4 +23,13 @@ class ServerSettings(BaseSettings):
     request_timeout: float = Field(300.0, gt=0, description="seconds one request may generate")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="largest accepted request body")
     max_prompt_tokens: int | None = Field(None, ge=1, description="longest accepted prompt; default: context window")
-    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS; empty disables CORS")
+    # NoDecode: the environment variable is a comma-separated list, not JSON.
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                         description="origins allowed by CORS; empty disables CORS")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value):
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value

@@ -72,8 +72,8 @@ class GenerationWorker:
         """
         with self._lock:
             if self._waiting >= self.queue_size:
-                raise QueueFullError(f"{self._waiting} requests are already waiting (queue size "
-                                     f"{self.queue_size}); retry later")
+                raise QueueFullError(f"the queue is full ({self.queue_size} requests waiting, "
+                                     "--queue-size); retry later")
             self._waiting += 1
         self._queue.put(job)
 

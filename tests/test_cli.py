@@ -145,6 +145,7 @@ ERROR_CASES = {
     "serve-invalid-port": (["serve", "{demo}", "--port", "70000"], "--port"),
     "serve-missing-bundle": (["serve", "{files}/no-such-bundle", "--port", "0"], "not found"),
     "serve-invalid-budget": (["serve", "{demo}", "--port", "0", "--expert-budget", "12Q"], "'12Q'"),
+    "serve-budget-too-small": (["serve", "{demo}", "--port", "0", "--expert-budget", "10KB"], "at least"),
 }
 
 

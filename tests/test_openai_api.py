@@ -220,9 +220,9 @@ def test_unknown_fields_ignored(http):
     ("presence_penalty", 5, "5"),
     ("frequency_penalty", -2.5, "-2.5"),
     ("seed", -1, "-1"),
-    ("max_tokens", "ten", "'ten'"),
-    ("temperature", "hot", "'hot'"),
-    ("stream", "maybe", "'maybe'"),
+    ("max_tokens", "ten", '"ten"'),
+    ("temperature", "hot", '"hot"'),
+    ("stream", "maybe", '"maybe"'),
     ("stop", ["a", "b", "c", "d", "e"], "5"),
     ("stop", 5, "5"),
 ])
@@ -248,7 +248,7 @@ def test_invalid_message_role_rejected(http):
 
     error = assert_error_shape(response, 400)
     assert error["param"].startswith("messages")
-    assert "'robot'" in error["message"]
+    assert '"robot"' in error["message"]
 
 
 def test_empty_messages_rejected(http):
@@ -357,3 +357,49 @@ def test_chat_content_parts_accepted(http):
     assert as_parts.status_code == 200, as_parts.text
     assert as_parts.json()["choices"][0]["message"] == as_text.json()["choices"][0]["message"]
     assert json.dumps(as_parts.json()["usage"]) == json.dumps(as_text.json()["usage"])
+
+
+def test_completion_prompt_list_accepted(http):
+    response = http.post("/v1/completions", json={"prompt": [STORY_PROMPT], "max_tokens": 2, "temperature": 0})
+
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 2
+
+
+def test_completion_token_ids_accepted(http):
+    response = http.post("/v1/completions", json={"prompt": [0, 390, 394], "max_tokens": 2, "temperature": 0})
+
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["prompt_tokens"] == 3
+
+
+@pytest.mark.parametrize("field, value", [
+    ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("logprobs", True),
+    ("response_format", {"type": "json_object"}),
+])
+def test_unsupported_chat_feature_rejected(http, field, value):
+    response = http.post("/v1/chat/completions", json={"messages": CHAT_MESSAGES, "max_tokens": 2, field: value})
+
+    error = assert_error_shape(response, 400)
+    assert error["param"] == field
+    assert "not supported" in error["message"]
+
+
+def test_image_content_rejected(http):
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]
+    response = http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2})
+
+    error = assert_error_shape(response, 400)
+    assert "only text" in error["message"]
+
+
+def test_generate_default_max_tokens_fits_context(http):
+    # 500 prompt tokens leave 12 of the 512-token context: the default of 128 shrinks to fit.
+    prompt = " dog" * 499
+    response = http.post("/generate", json={"prompt": prompt, "temperature": 0})
+
+    assert response.status_code == 200, response.text
+    usage = response.json()["usage"]
+    assert usage["prompt_tokens"] == 500
+    assert usage["completion_tokens"] <= 512 - usage["prompt_tokens"]

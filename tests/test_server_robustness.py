@@ -550,7 +550,7 @@ ENV_CASES = {
     "request_timeout": ("2.5", 2.5),
     "max_body_bytes": ("4096", 4096),
     "max_prompt_tokens": ("100", 100),
-    "cors_origins": ('["http://a.test", "http://b.test"]', ["http://a.test", "http://b.test"]),
+    "cors_origins": ("http://a.test, http://b.test", ["http://a.test", "http://b.test"]),
 }
 
 
