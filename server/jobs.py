@@ -125,15 +125,19 @@ async def collect(request: Request, job: Job) -> GenerationResult | None:
 async def events(request: Request, job: Job) -> AsyncIterator[GenerationEvent]:
     """Yield the job's events as they come; closing the iterator (disconnect) cancels the job."""
     timer = _Timer(request)
+    finished = False
     try:
         while True:
             item = await next_event(job)
             if item is END:
+                finished = True
                 return
             if item.token_id is not None:
                 timer.token()
             yield item
     finally:
+        if not finished:
+            logger.info("request %s: stream closed by the client, cancelling", job.request_id)
         job.cancel.set()
 
 
