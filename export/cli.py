@@ -13,7 +13,31 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
                         help="storage precision of the weights (default fp32)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle at OUT")
+    parser.add_argument("--profile-text", metavar="FILE", default=None,
+                        help="after exporting, record the routing profile on this UTF-8 calibration text "
+                             "(same as `edgemoe profile OUT --text FILE`)")
     parser.set_defaults(run=run_export)
+
+    synth = subparsers.add_parser(
+        "synth", help="write a random-weight checkpoint with the layer sizes of a real MoE model",
+        description="Write a Hugging Face checkpoint with random float16 weights and the layer sizes "
+                    "of a real model, for speed benchmarks (routing on random weights is not realistic).")
+    synth.add_argument("out", help="checkpoint directory to create")
+    synth.add_argument("--shape", required=True, choices=["olmoe-1b-7b", "qwen3-30b-a3b", "mixtral-8x7b"],
+                       help="real model whose layer sizes to copy")
+    synth.add_argument("--layers", type=int, default=2, help="decoder layers to write (default 2)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    synth.set_defaults(run=run_synth)
+
+
+def run_synth(args) -> int:
+    import sys
+
+    from edgemoe.export.synth import synthesize
+
+    out = synthesize(args.shape, args.out, layers=args.layers, seed=args.seed, progress=sys.stderr.isatty())
+    print(f"wrote a random {args.shape} checkpoint with {args.layers} layers to {out}")
+    return 0
 
 
 def run_export(args) -> int:
@@ -24,4 +48,11 @@ def run_export(args) -> int:
     summary = export_checkpoint(args.source, args.out, dtype=args.dtype, overwrite=args.overwrite,
                                 progress=sys.stderr.isatty())
     print(summary.describe())
+    if args.profile_text:
+        from edgemoe.runtime.cli import _read_text
+        from edgemoe.runtime.profiling import profile_bundle
+
+        result = profile_bundle(args.out, _read_text(args.profile_text), source=args.profile_text,
+                                progress=sys.stderr.isatty())
+        print(f"recorded the routing profile of {result['tokens']} tokens")
     return 0

@@ -11,10 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
+from edgemoe.runtime.eviction import make_policy
 from edgemoe.runtime.expert_store import ExpertStore
 from edgemoe.runtime.kv_cache import KVCache
 from edgemoe.runtime.manifest import Manifest, load_manifest, verify_file
+from edgemoe.runtime.predictors import (PREDICTORS, CombinedPredictor, RecallMeter, TablePredictor, make_predictor,
+                                        top_experts)
+from edgemoe.runtime.preloader import Preloader
 from edgemoe.runtime.routing import route_softmax_topk
+from edgemoe.runtime.routing_profile import RoutingStats
 from edgemoe.runtime.sessions import default_threads, dense_session
 
 logger = logging.getLogger(__name__)
@@ -29,6 +34,15 @@ class EngineOptions:
     budget_bytes: int | None = None  # None: every expert may stay resident
     threads: int = 0  # threads of each dense session; 0 picks min(4, cores)
     verify: bool = True  # check sha256 of each bundle file before its first use
+    eviction: str = "lru"  # "lru", "lfu" or "edgemoe"
+    predictor: str | None = "auto"  # a name of PREDICTORS, "auto" (combined, or table without
+    #                                 look-ahead outputs in the bundle) or None (no prediction)
+    preload: bool = True  # load predicted experts on the I/O thread
+    preload_depth: int = 1  # layers ahead to preload; beyond the next, the table chains predictions
+    keep_only_current_layer: bool = False  # the on-demand baseline: no reuse across layers
+    measure_recall: bool = True  # score every predictor against the actual routing
+    preload_min_recall: float = 0.5  # skip preloading a layer whose predictions have been worse
+    use_profile: bool = True  # start from the bundle's routing profile (else from empty statistics)
 
 
 class Engine:
@@ -59,10 +73,53 @@ class Engine:
         self.layers = [dense_session(str(self.bundle_dir / p), threads) for p in dense[1:-1]]
         self.head = dense_session(str(self.bundle_dir / dense[-1]), threads)
 
-        budget = self.options.budget_bytes
-        if budget is None:
-            budget = self.manifest.expert_bytes
-        self.store = ExpertStore(self.bundle_dir, self.manifest, budget, verify=self.options.verify)
+        budget = self.manifest.expert_bytes if self.options.budget_bytes is None else self.options.budget_bytes
+        cfg = self.config
+        profile = RoutingStats.load(self.bundle_dir, self.manifest) if self.options.use_profile else None
+        self.routing = profile or RoutingStats(cfg.num_hidden_layers, cfg.num_experts)
+        frequencies = profile.shares() if profile is not None else None
+        policy = make_policy(self.options.eviction, cfg.num_hidden_layers, frequencies)
+        self.store = ExpertStore(self.bundle_dir, self.manifest, budget, policy=policy, verify=self.options.verify,
+                                 keep_only_current_layer=self.options.keep_only_current_layer)
+
+        self.has_lookahead = cfg.num_hidden_layers > 1 and any(
+            o.name == "next_router_logits" for o in self.layers[0].get_outputs())
+        self.predictor = self._make_active_predictor(self.options.predictor)
+        measured = [n for n, cls in PREDICTORS.items() if self.has_lookahead or not cls.needs_lookahead]
+        self.meters = {name: RecallMeter(cfg.num_hidden_layers) for name in measured} \
+            if self.options.measure_recall else {}
+        self._meter_predictors = {name: make_predictor(name, self.routing) for name in self.meters}
+        for predictor in (self.predictor, self._meter_predictors.get("combined")):
+            if isinstance(predictor, CombinedPredictor):
+                predictor.meters = self.meters
+        self.preloader = Preloader(self.store) if self.options.preload and self.predictor is not None else None
+
+    def _make_active_predictor(self, name: str | None):
+        if name is None:
+            return None
+        if name == "auto":
+            name = "combined" if self.has_lookahead else "table"
+        if PREDICTORS.get(name) is None:
+            raise ValueError(f"unknown predictor {name!r}; choose one of auto, {', '.join(PREDICTORS)}")
+        if PREDICTORS[name].needs_lookahead and not self.has_lookahead:
+            raise ValueError(f"predictor {name!r} needs look-ahead router outputs, which this bundle lacks; "
+                             "re-export it with this edgemoe or choose table or frequency")
+        return make_predictor(name, self.routing)
+
+    def close(self) -> None:
+        """Stop the preload thread; the engine must not be used afterwards."""
+        if self.preloader is not None:
+            self.preloader.close()
+
+    def load_all_experts(self) -> None:
+        """Load every expert now (the all-in-RAM baseline); the budget must hold them all."""
+        for layer in range(self.config.num_hidden_layers):
+            for index in range(self.config.num_experts):
+                self.store.preload((layer, index))
+
+    def recall(self) -> dict:
+        """Recall of each predictor so far: {"overall", "per_layer"} by predictor name."""
+        return {name: meter.summary() for name, meter in self.meters.items()}
 
     def _graph_files(self, graph: str) -> list[str]:
         """The graph and every data file that sits next to it in the manifest."""
@@ -101,32 +158,102 @@ class Engine:
         positions = np.arange(start, start + len(ids), dtype=np.int64)            # [T]
 
         (hidden,) = self.embed.run(None, {"input_ids": ids})                       # [T, H]
+        previous = None  # experts chosen at the layer before, [T, K]
+        predictions: dict[str, np.ndarray] = {}  # predictor name -> predicted experts [T, K] for this layer
         for layer, session in enumerate(self.layers):
-            residual, moe_input, router_logits, key, value = session.run(None, {
-                "hidden": hidden, "position_ids": positions,
-                "past_key": cache.keys[layer], "past_value": cache.values[layer]})
+            feeds = {"hidden": hidden, "position_ids": positions,
+                     "past_key": cache.keys[layer], "past_value": cache.values[layer]}
+            outputs = session.run(None, feeds)
+            residual, moe_input, router_logits, key, value = outputs[:5]
+            lookahead = outputs[5] if len(outputs) > 5 else None                   # [T, E] or None
             cache.update(layer, key, value)
-            hidden = residual + self.moe(layer, moe_input, router_logits)         # [T, H]
 
+            weights, experts = route_softmax_topk(router_logits, self.config.num_experts_per_tok,
+                                                  self.config.norm_topk_prob)    # [T, K], [T, K]
+            for name, predicted in predictions.items():
+                self.meters[name].record(layer, predicted, experts)
+            self.routing.record(layer, experts, previous)
+            self.store.begin_layer(layer, {(layer, int(e)) for e in np.unique(experts)})
+            predictions = self._predict_next(layer, experts, lookahead)
+
+            hidden = residual + self.moe(layer, moe_input, weights, experts)       # [T, H]
+            previous = experts
+
+        if self.preloader is not None:
+            self._preload_first_layer()
         if not all_logits:
             hidden = hidden[-1:]                                                  # [1, H]
         (logits,) = self.head.run(None, {"hidden": hidden})                       # [T, V]
         return logits
 
-    def moe(self, layer: int, x: np.ndarray, router_logits: np.ndarray) -> np.ndarray:
-        """Weighted sum of the chosen experts' outputs for x [T, H].
+    def _predict_next(self, layer: int, experts: np.ndarray, lookahead: np.ndarray | None) -> dict:
+        """Measure every predictor for layer + 1 and hand the active one's choice to the preloader."""
+        following = layer + 1
+        if following >= self.config.num_hidden_layers:
+            return {}
+        k = self.config.num_experts_per_tok
+        predictions = {name: top_experts(p.scores(following, experts, lookahead), k)
+                       for name, p in self._meter_predictors.items()}
+        if self.preloader is None or not self._worth_preloading(following):
+            return predictions
+        scores = self.predictor.scores(following, experts, lookahead)             # [T, E]
+        chosen = top_experts(scores, k)                                           # [T, K]
+        wanted = self._ranked_keys(following, scores, chosen)
+        # Further ahead, the table chains from the predicted experts.
+        for depth in range(2, self.options.preload_depth + 1):
+            ahead = layer + depth
+            if ahead >= self.config.num_hidden_layers:
+                break
+            scores = TablePredictor.scores(self.predictor, ahead, chosen, None)
+            chosen = top_experts(scores, k)
+            wanted += self._ranked_keys(ahead, scores, chosen)
+        self.preloader.request(wanted)
+        return predictions
 
-        Each chosen expert runs once, on all the tokens routed to it.
+    def _worth_preloading(self, layer: int) -> bool:
+        """Whether the active predictor has predicted `layer` well enough so far.
+
+        Below `preload_min_recall`, most preloads are wrong: each one reads an expert from storage
+        and may evict a useful one, which costs more than it saves when reads are slow.
         """
-        weights, experts = route_softmax_topk(router_logits, self.config.num_experts_per_tok,
-                                              self.config.norm_topk_prob)        # [T, K], [T, K]
-        out = np.zeros_like(x)                                                    # [T, H]
-        for expert in np.unique(experts):
+        meter = self.meters.get(self.predictor.name)
+        if meter is None or meter.total[layer] < 4 * self.config.num_experts_per_tok:
+            return True
+        return meter.hits[layer] >= self.options.preload_min_recall * meter.total[layer]
+
+    @staticmethod
+    def _ranked_keys(layer: int, scores: np.ndarray, chosen: np.ndarray) -> list[tuple[int, int]]:
+        """Distinct predicted experts of all tokens, the highest summed score first."""
+        unique = np.unique(chosen)
+        totals = scores[:, unique].sum(axis=0)
+        return [(layer, int(unique[i])) for i in np.argsort(-totals, kind="stable")]
+
+    def _preload_first_layer(self) -> None:
+        """After the last layer, queue layer 0's most frequent experts for the next token."""
+        shares = self.routing.shares()[0]
+        best = np.argsort(-shares, kind="stable")[:self.config.num_experts_per_tok]
+        self.preloader.request([(0, int(e)) for e in best])
+
+    def moe(self, layer: int, x: np.ndarray, weights: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        """Weighted sum of the chosen experts' outputs for x [T, H], weights and experts [T, K].
+
+        Each chosen expert runs once, on all the tokens routed to it; resident experts run first,
+        so experts still loading (demand or preload) get the most time. The outputs are summed in
+        expert index order. Float addition is not associative, so with more than two experts per
+        token an order that follows residency would make the logits depend on the cache.
+        """
+        outputs = {}  # expert -> (rows, slots, its output [t, H])
+        order = sorted(np.unique(experts), key=lambda e: not self.store.is_resident((layer, int(e))))
+        for expert in order:
             rows, slots = np.nonzero(experts == expert)                           # tokens routed here
             session = self.store.acquire(layer, int(expert))
             try:
                 (y,) = session.run(None, {"x": x[rows]})                          # [t, H]
             finally:
                 self.store.release(layer, int(expert))
+            outputs[int(expert)] = (rows, slots, y)
+        out = np.zeros_like(x)                                                    # [T, H]
+        for expert in sorted(outputs):
+            rows, slots, y = outputs[expert]
             out[rows] += weights[rows, slots][:, None] * y
         return out

@@ -30,7 +30,11 @@ class GenerationStats:
     cache_hits: int
     cache_misses: int
     bytes_read: int  # expert bytes read from storage
-    load_seconds: float  # time spent loading experts on demand
+    load_seconds: float  # time spent creating expert sessions, on the compute and I/O threads
+    stall_seconds: float  # time the compute thread waited for experts (demand loads, in-flight preloads)
+    inflight_hits: int  # requests that found their expert being preloaded and waited for it
+    preloads: int  # experts loaded by the I/O thread
+    preloads_used: int  # preloaded experts requested before being evicted
     peak_resident_expert_bytes: int
     expert_budget_bytes: int
     peak_rss_bytes: int
@@ -77,13 +81,14 @@ class Generator:
 
     def stream(self, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
                stop: list[str] | None = None, cancelled: Callable[[], bool] | None = None,
-               deadline: float | None = None) -> Iterator[GenerationEvent]:
+               deadline: float | None = None, ignore_eos: bool = False) -> Iterator[GenerationEvent]:
         """Generate up to `max_tokens` tokens after `prompt_ids`.
 
         Args:
             stop: strings that end generation; the text is cut before the first match.
             cancelled: polled before each token; True ends generation ("cancelled").
             deadline: `time.monotonic()` value after which generation ends ("time_limit").
+            ignore_eos: keep generating after EOS (benchmarks that need a fixed token count).
 
         Yields a GenerationEvent per token (its text may be empty while a multi-byte character
         or a possible stop string is incomplete), then one whose `result` is set.
@@ -120,7 +125,7 @@ class Generator:
                 finish_reason = "time_limit"
                 break
             token = sampler(logits[-1])
-            if token in self.tokenizer.eos_token_ids:
+            if token in self.tokenizer.eos_token_ids and not ignore_eos:
                 finish_reason = "stop"
                 break
             generated.append(token)
@@ -162,6 +167,10 @@ class Generator:
             cache_misses=after["misses"] - before["misses"],
             bytes_read=after["bytes_read"] - before["bytes_read"],
             load_seconds=after["load_seconds"] - before["load_seconds"],
+            stall_seconds=after["stall_seconds"] - before["stall_seconds"],
+            inflight_hits=after["inflight_hits"] - before["inflight_hits"],
+            preloads=after["preloads"] - before["preloads"],
+            preloads_used=after["preloads_used"] - before["preloads_used"],
             peak_resident_expert_bytes=after["peak_resident_bytes"],
             expert_budget_bytes=store.budget_bytes, peak_rss_bytes=peak_rss_bytes())
 

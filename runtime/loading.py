@@ -74,11 +74,13 @@ def resolve_budget(text: str | None, manifest: Manifest) -> int:
 
 
 def load_model(path: str | Path | None, budget: str | None = None, threads: int = 0,
-               verify: bool = True) -> LoadedModel:
+               verify: bool = True, **engine_options) -> LoadedModel:
+    """Open a bundle (None: the demo model); `engine_options` are further EngineOptions fields."""
     bundle = resolve_bundle(path)
     manifest = load_manifest(bundle)
     budget_bytes = resolve_budget(budget, manifest)
-    engine = Engine(bundle, EngineOptions(budget_bytes=budget_bytes, threads=threads, verify=verify))
+    engine = Engine(bundle, EngineOptions(budget_bytes=budget_bytes, threads=threads, verify=verify,
+                                          **engine_options))
     if verify:
         # The engine verifies only the graph files, so the tokenizer files are verified here.
         for name in filter(None, manifest.tokenizer.values()):

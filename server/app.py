@@ -72,8 +72,11 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
 
 async def _load(app: FastAPI, settings: ServerSettings) -> None:
     try:
-        model = await asyncio.to_thread(load_model, settings.bundle, settings.expert_budget,
-                                        settings.threads, settings.verify)
+        predictor = None if settings.predictor == "none" else settings.predictor
+        model = await asyncio.to_thread(
+            load_model, settings.bundle, settings.expert_budget, settings.threads, settings.verify,
+            eviction=settings.eviction, predictor=predictor, preload=settings.preload and predictor is not None,
+            preload_depth=settings.preload_depth)
         app.state.chat_template = ChatTemplate(model.tokenizer)
     except Exception as exc:  # reported by /health; the server keeps answering
         logger.error("failed to load the model: %s", exc)

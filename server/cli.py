@@ -81,6 +81,14 @@ def run_serve(args: argparse.Namespace) -> int:
         overrides["threads"] = args.threads
     if args.no_verify:
         overrides["verify"] = False
+    # The model arguments shared with generate and eval; their environment twins apply when the
+    # flag keeps its default.
+    defaults = {"eviction": "lru", "predictor": "auto", "preload_depth": 1}
+    for field, default in defaults.items():
+        if getattr(args, field) != default:
+            overrides[field] = getattr(args, field)
+    if args.no_preload:
+        overrides["preload"] = False
     try:
         settings = ServerSettings(**overrides)
     except ValidationError as exc:

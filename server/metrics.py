@@ -26,9 +26,24 @@ class ExpertStoreCollector:
             ("edgemoe_expert_misses", stats.misses, "Expert requests that had to load the expert"),
             ("edgemoe_expert_evictions", stats.evictions, "Experts evicted to stay within the budget"),
             ("edgemoe_expert_bytes_read", stats.bytes_read, "Expert bytes read from storage"),
-            ("edgemoe_expert_stall_seconds", stats.load_seconds, "Seconds generation waited for expert loads"),
+            ("edgemoe_expert_stall_seconds", stats.stall_seconds, "Seconds generation waited for experts"),
+            ("edgemoe_expert_load_seconds", stats.load_seconds, "Seconds spent creating expert sessions"),
+            ("edgemoe_expert_preloads", stats.preloads, "Experts loaded ahead by the I/O thread"),
+            ("edgemoe_expert_preloads_used", stats.preloads_used, "Preloaded experts requested before eviction"),
+            ("edgemoe_expert_inflight_hits", stats.inflight_hits,
+             "Expert requests that waited for a preload already in flight"),
         ):
             yield CounterMetricFamily(name, help_text, value=value)
+        recall = GaugeMetricFamily("edgemoe_predictor_recall",
+                                   "Fraction of chosen experts that each predictor had predicted",
+                                   labels=["predictor", "layer"])
+        for predictor, summary in worker.model.engine.recall().items():
+            if summary["overall"] is not None:
+                recall.add_metric([predictor, "all"], summary["overall"])
+            for layer, value in enumerate(summary["per_layer"]):
+                if value is not None:
+                    recall.add_metric([predictor, str(layer)], value)
+        yield recall
         yield GaugeMetricFamily("edgemoe_expert_resident_bytes", "Bytes of experts held now",
                                 value=store.resident_bytes)
         yield GaugeMetricFamily("edgemoe_expert_budget_bytes", "Expert budget in bytes", value=store.budget_bytes)

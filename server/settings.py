@@ -15,6 +15,11 @@ class ServerSettings(BaseSettings):
     expert_budget: str | None = Field(None, description="expert budget: size, percentage or auto")
     threads: int = Field(0, ge=0, description="threads per dense session; 0 picks min(4, cores)")
     verify: bool = Field(True, description="check sha256 of bundle files before first use")
+    eviction: str = Field("lru", pattern="^(lru|lfu|edgemoe)$", description="expert eviction policy")
+    predictor: str = Field("auto", pattern="^(auto|frequency|table|lookahead|combined|none)$",
+                           description="predictor of the next layer's experts")
+    preload: bool = Field(True, description="load predicted experts on the I/O thread")
+    preload_depth: int = Field(1, ge=1, le=8, description="layers ahead to preload")
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     model_id: str | None = Field(None, description="model id in /v1/models; default: the bundle's name")

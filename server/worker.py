@@ -86,6 +86,7 @@ class GenerationWorker:
                 job.cancel.set()
         self._queue.put(None)
         self._thread.join(timeout)
+        self.model.engine.close()
 
     def _run(self) -> None:
         while True:

@@ -58,7 +58,7 @@ def test_generate_json_fields(demo_bundle, run_cli, load_reference):
     output = generate_json(run_cli, demo_bundle, "--prompt", reference.prompt_text, "--temperature", "0",
                            "--max-tokens", len(reference.greedy_ids))
 
-    assert set(output) == {"text", "token_ids", "finish_reason", "stats"}
+    assert set(output) == {"text", "token_ids", "finish_reason", "stats", "predictor_recall"}
     assert STATS_KEYS <= set(output["stats"])
     assert output["token_ids"] == reference.greedy_ids
     assert output["finish_reason"] == "length"

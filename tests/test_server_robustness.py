@@ -551,11 +551,16 @@ ENV_CASES = {
     "max_body_bytes": ("4096", 4096),
     "max_prompt_tokens": ("100", 100),
     "cors_origins": ("http://a.test, http://b.test", ["http://a.test", "http://b.test"]),
+    "eviction": ("edgemoe", "edgemoe"),
+    "predictor": ("table", "table"),
+    "preload": ("false", False),
+    "preload_depth": ("2", 2),
 }
 
 
 def _serve_option_fields() -> set[str]:
-    """Settings fields of every `edgemoe serve` argument (--no-verify sets `verify`)."""
+    """Settings fields of every `edgemoe serve` argument (--no-verify sets `verify`, --no-preload
+    sets `preload`)."""
     import argparse
 
     from edgemoe.cli import build_parser
@@ -564,7 +569,8 @@ def _serve_option_fields() -> set[str]:
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     serve = subparsers.choices["serve"]
     fields = {a.dest for a in serve._actions if not isinstance(a, argparse._HelpAction)}
-    return {"verify" if f == "no_verify" else f for f in fields}
+    renamed = {"no_verify": "verify", "no_preload": "preload"}
+    return {renamed.get(f, f) for f in fields}
 
 
 @pytest.fixture

@@ -224,7 +224,9 @@ class Architecture:
 
         Inputs: hidden [T, H], position_ids [T], past_key / past_value [K, P, D].
         Outputs: residual [T, H] (hidden + attention), moe_input [T, H] (post-attention norm),
-        router_logits [T, E], present_key / present_value [K, S, D].
+        router_logits [T, E], present_key / present_value [K, S, D], and for every layer but the
+        last next_router_logits [T, E]: layer l+1's norm and router applied to this layer's
+        residual, which predicts layer l+1's experts before this layer's experts run.
         """
         cfg = self.config
         s = f"/layers.{layer}"
@@ -248,6 +250,12 @@ class Architecture:
         g.output(router_logits, "router_logits", TensorProto.FLOAT, ["T", cfg.num_experts])
         g.output(attn[1], "present_key", TensorProto.FLOAT, [cfg.num_key_value_heads, "S", cfg.head_dim])
         g.output(attn[2], "present_value", TensorProto.FLOAT, [cfg.num_key_value_heads, "S", cfg.head_dim])
+        if layer + 1 < cfg.num_hidden_layers:
+            ahead = f"{s}/lookahead"
+            next_input = rms_norm(g, residual, self.tensor("post_attention_norm", layer + 1), cfg.rms_norm_eps,
+                                  f"{ahead}/post_attention_layernorm")
+            next_logits = linear(g, next_input, self.tensor("router", layer + 1), f"{ahead}/router")  # [T, E]
+            g.output(next_logits, "next_router_logits", TensorProto.FLOAT, ["T", cfg.num_experts])
         return g
 
     def attention(self, g: GraphBuilder, x: str, position_ids: str, past_k: str, past_v: str,
