@@ -61,11 +61,13 @@ def apply_rope(g: GraphBuilder, x: str, cos: str, sin: str, head_dim: int, scope
 
 
 def causal_attention(g: GraphBuilder, q: str, k: str, v: str, past_k: str, past_v: str,
-                     num_heads: int, num_kv_heads: int, head_dim: int, scope: str) -> tuple[str, str, str]:
+                     num_heads: int, num_kv_heads: int, head_dim: int, scope: str,
+                     scale: float | None = None) -> tuple[str, str, str]:
     """Grouped-query attention over the KV cache plus this call's tokens, causal.
 
     Args:
         q: [N, T, D] after RoPE; k, v: [K, T, D] (k after RoPE); past_k, past_v: [K, P, D].
+        scale: factor on q·k before the softmax; None means head_dim ** -0.5.
 
     Returns:
         The attention output [T, N*D] and the new cache tensors [K, S, D].
@@ -80,7 +82,8 @@ def causal_attention(g: GraphBuilder, q: str, k: str, v: str, past_k: str, past_
     v4 = g.op("Unsqueeze", [all_v, f"{scope}/axis1"], scope)                             # [K, 1, S, D]
     k4t = g.op("Transpose", [k4], scope, perm=[0, 1, 3, 2])                              # [K, 1, D, S]
     scores = g.op("MatMul", [q4, k4t], scope)                                            # [K, G, T, S]
-    scores = g.op("Mul", [scores, g.const(f"{scope}/scale", np.array(head_dim ** -0.5, np.float32))], scope)
+    scale = head_dim ** -0.5 if scale is None else scale
+    scores = g.op("Mul", [scores, g.const(f"{scope}/scale", np.array(scale, np.float32))], scope)
 
     # Causal mask: key j is visible to query i when j <= P + i.
     shape_k = g.op("Shape", [all_k], scope)

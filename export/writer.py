@@ -39,16 +39,21 @@ class ExportSummary:
     architecture: str
     dtype: str
     layers: int
-    experts_per_layer: int
-    dense_bytes: int  # embedding, attention, routers, norms, LM head
-    expert_bytes: int  # all expert graphs and their weights, as stored
+    moe_layers: int  # layers with routed experts; the others are dense MLP layers
+    experts_per_layer: int  # routed experts of each MoE layer
+    # embedding, attention, routers, norms, LM head, shared experts, dense layers' MLPs
+    dense_bytes: int
+    expert_bytes: int  # all routed expert graphs and their weights, as stored
     seconds: float
 
     def describe(self) -> str:
         mb = 1e6
-        return (f"exported {self.architecture} ({self.dtype}) to {self.bundle}: {self.layers} layers x "
-                f"{self.experts_per_layer} experts; dense {self.dense_bytes / mb:.1f} MB, experts "
-                f"{self.expert_bytes / mb:.1f} MB; {self.seconds:.1f} s")
+        if self.moe_layers == self.layers:
+            shape = f"{self.layers} layers x {self.experts_per_layer} experts"
+        else:
+            shape = f"{self.layers} layers ({self.moe_layers} MoE x {self.experts_per_layer} experts)"
+        return (f"exported {self.architecture} ({self.dtype}) to {self.bundle}: {shape}; dense "
+                f"{self.dense_bytes / mb:.1f} MB, experts {self.expert_bytes / mb:.1f} MB; {self.seconds:.1f} s")
 
 
 def export_checkpoint(source: str | Path, out: str | Path, dtype: str = "fp32",
@@ -102,7 +107,8 @@ def export_checkpoint(source: str | Path, out: str | Path, dtype: str = "fp32",
     expert_files = {e.file for e in manifest.experts} | {e.data_file for e in manifest.experts}
     summary = ExportSummary(
         bundle=str(out), architecture=arch.model_type, dtype=dtype, layers=cfg.num_hidden_layers,
-        experts_per_layer=cfg.num_experts, dense_bytes=manifest.dense_bytes,
+        moe_layers=sum(arch.config.moe_layers), experts_per_layer=cfg.num_experts,
+        dense_bytes=manifest.dense_bytes,
         expert_bytes=sum(manifest.files[f].bytes for f in expert_files),
         seconds=time.perf_counter() - started)
     logger.info(summary.describe())
@@ -131,7 +137,7 @@ def _write_bundle(arch, checkpoint: Checkpoint, bundle: Path, dtype: str, progre
     np_dtype = DTYPES[dtype]
     (bundle / "layers").mkdir()
     (bundle / "experts").mkdir()
-    total = 2 + cfg.num_hidden_layers * (1 + cfg.num_experts)
+    total = 2 + cfg.num_hidden_layers + sum(cfg.moe_layers) * cfg.num_experts
     bar = tqdm(total=total, desc="export", unit="graph", disable=not progress)
 
     _, embed_data, offsets = arch.build_embed(np_dtype).save(bundle, "embed")
@@ -142,6 +148,8 @@ def _write_bundle(arch, checkpoint: Checkpoint, bundle: Path, dtype: str, progre
         graph_path, _, _ = arch.build_layer(layer, np_dtype).save(bundle / "layers", f"layer_{layer:02d}")
         layer_paths.append(f"layers/{graph_path.name}")
         bar.update()
+        if not cfg.moe_layers[layer]:
+            continue  # a dense layer's MLP is in its layer graph
         for index in range(cfg.num_experts):
             stem = f"l{layer:02d}_e{index:03d}"
             graph_path, data_path, _ = arch.build_expert(layer, index, np_dtype).save(bundle / "experts", stem)

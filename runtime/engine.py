@@ -14,11 +14,11 @@ import numpy as np
 from edgemoe.runtime.eviction import make_policy
 from edgemoe.runtime.expert_store import ExpertStore
 from edgemoe.runtime.kv_cache import KVCache
-from edgemoe.runtime.manifest import Manifest, load_manifest, verify_file
+from edgemoe.runtime.manifest import BundleError, Manifest, load_manifest, verify_file
 from edgemoe.runtime.predictors import (PREDICTORS, CombinedPredictor, RecallMeter, TablePredictor, make_predictor,
                                         top_experts)
 from edgemoe.runtime.preloader import Preloader
-from edgemoe.runtime.routing import route_softmax_topk
+from edgemoe.runtime.routing import ROUTING_METHODS
 from edgemoe.runtime.routing_profile import RoutingStats
 from edgemoe.runtime.sessions import default_threads, dense_session
 
@@ -71,7 +71,11 @@ class Engine:
                     verify_file(self.bundle_dir, self.manifest, name)
         self.embed = dense_session(str(self.bundle_dir / dense[0]), threads)
         self.layers = [dense_session(str(self.bundle_dir / p), threads) for p in dense[1:-1]]
+        self.layer_outputs = [self._check_layer_outputs(layer, session)
+                              for layer, session in enumerate(self.layers)]
         self.head = dense_session(str(self.bundle_dir / dense[-1]), threads)
+        self.route = ROUTING_METHODS[self.config.routing]
+        self.moe_layers = [layer for layer in range(self.config.num_hidden_layers) if self.config.is_moe_layer(layer)]
 
         budget = self.manifest.expert_bytes if self.options.budget_bytes is None else self.options.budget_bytes
         cfg = self.config
@@ -82,8 +86,7 @@ class Engine:
         self.store = ExpertStore(self.bundle_dir, self.manifest, budget, policy=policy, verify=self.options.verify,
                                  keep_only_current_layer=self.options.keep_only_current_layer)
 
-        self.has_lookahead = cfg.num_hidden_layers > 1 and any(
-            o.name == "next_router_logits" for o in self.layers[0].get_outputs())
+        self.has_lookahead = any("next_router_logits" in names for names in self.layer_outputs)
         self.predictor = self._make_active_predictor(self.options.predictor)
         measured = [n for n, cls in PREDICTORS.items() if self.has_lookahead or not cls.needs_lookahead]
         self.meters = {name: RecallMeter(cfg.num_hidden_layers) for name in measured} \
@@ -113,7 +116,7 @@ class Engine:
 
     def load_all_experts(self) -> None:
         """Load every expert now (the all-in-RAM baseline); the budget must hold them all."""
-        for layer in range(self.config.num_hidden_layers):
+        for layer in self.moe_layers:
             for index in range(self.config.num_experts):
                 self.store.preload((layer, index))
 
@@ -127,6 +130,28 @@ class Engine:
         names = [graph] + [n for n in self.manifest.files if n == stem + ".bin"]
         if graph == self.manifest.graphs["head"] and "embed.bin" in self.manifest.files:
             names.append("embed.bin")  # tied LM head reads the embedding table
+        return names
+
+    def _check_layer_outputs(self, layer: int, session) -> list[str]:
+        """Return the layer graph's output names after checking them against the manifest.
+
+        Every layer graph has residual, present_key and present_value. An MoE layer adds
+        moe_input and router_logits; a dense layer has dense_mlp_out instead, which an MoE layer
+        may have too (a shared expert).
+        """
+        graph = self.manifest.graphs["layers"][layer]
+        names = [output.name for output in session.get_outputs()]
+        is_moe = self.config.is_moe_layer(layer)
+        required = ["residual", "present_key", "present_value"]
+        required += ["moe_input", "router_logits"] if is_moe else ["dense_mlp_out"]
+        missing = [name for name in required if name not in names]
+        if missing:
+            kind = "an MoE" if is_moe else "a dense"
+            raise BundleError(f"layer graph {graph} lacks the output(s) {', '.join(missing)}, which "
+                              f"{kind} layer needs; re-export the checkpoint")
+        if not is_moe and "router_logits" in names:
+            raise BundleError(f"layer graph {graph} has router_logits, but the manifest marks layer {layer} "
+                              "as dense; re-export the checkpoint")
         return names
 
     @property
@@ -158,26 +183,26 @@ class Engine:
         positions = np.arange(start, start + len(ids), dtype=np.int64)            # [T]
 
         (hidden,) = self.embed.run(None, {"input_ids": ids})                       # [T, H]
-        previous = None  # experts chosen at the layer before, [T, K]
+        previous = None  # experts chosen at the previous MoE layer, [T, K]
         predictions: dict[str, np.ndarray] = {}  # predictor name -> predicted experts [T, K] for this layer
         for layer, session in enumerate(self.layers):
-            feeds = {"hidden": hidden, "position_ids": positions,
-                     "past_key": cache.keys[layer], "past_value": cache.values[layer]}
-            outputs = session.run(None, feeds)
-            residual, moe_input, router_logits, key, value = outputs[:5]
-            lookahead = outputs[5] if len(outputs) > 5 else None                   # [T, E] or None
-            cache.update(layer, key, value)
+            outputs = dict(zip(self.layer_outputs[layer], session.run(None, {
+                "hidden": hidden, "position_ids": positions,
+                "past_key": cache.keys[layer], "past_value": cache.values[layer]})))
+            cache.update(layer, outputs["present_key"], outputs["present_value"])
 
-            weights, experts = route_softmax_topk(router_logits, self.config.num_experts_per_tok,
-                                                  self.config.norm_topk_prob)    # [T, K], [T, K]
-            for name, predicted in predictions.items():
-                self.meters[name].record(layer, predicted, experts)
-            self.routing.record(layer, experts, previous)
-            self.store.begin_layer(layer, {(layer, int(e)) for e in np.unique(experts)})
-            predictions = self._predict_next(layer, experts, lookahead)
-
-            hidden = residual + self.moe(layer, moe_input, weights, experts)       # [T, H]
-            previous = experts
+            moe_out = None
+            if "router_logits" in outputs:
+                weights, experts = self.route(outputs["router_logits"], self.config.num_experts_per_tok,
+                                              self.config.norm_topk_prob)        # [T, K], [T, K]
+                for name, predicted in predictions.items():
+                    self.meters[name].record(layer, predicted, experts)
+                self.routing.record(layer, experts, previous)
+                self.store.begin_layer(layer, {(layer, int(e)) for e in np.unique(experts)})
+                predictions = self._predict_next(layer, experts, outputs.get("next_router_logits"))
+                moe_out = self.moe(layer, outputs["moe_input"], weights, experts)  # [T, H]
+                previous = experts
+            hidden = outputs["residual"] + self.mlp_block(moe_out, outputs.get("dense_mlp_out"))  # [T, H]
 
         if self.preloader is not None:
             self._preload_first_layer()
@@ -189,7 +214,8 @@ class Engine:
     def _predict_next(self, layer: int, experts: np.ndarray, lookahead: np.ndarray | None) -> dict:
         """Measure every predictor for layer + 1 and hand the active one's choice to the preloader."""
         following = layer + 1
-        if following >= self.config.num_hidden_layers:
+        if following >= self.config.num_hidden_layers or not self.config.is_moe_layer(following):
+            # NOTE: predictions skip no dense layer: the next layer must be an MoE layer.
             return {}
         k = self.config.num_experts_per_tok
         predictions = {name: top_experts(p.scores(following, experts, lookahead), k)
@@ -202,7 +228,7 @@ class Engine:
         # Further ahead, the table chains from the predicted experts.
         for depth in range(2, self.options.preload_depth + 1):
             ahead = layer + depth
-            if ahead >= self.config.num_hidden_layers:
+            if ahead >= self.config.num_hidden_layers or not self.config.is_moe_layer(ahead):
                 break
             scores = TablePredictor.scores(self.predictor, ahead, chosen, None)
             chosen = top_experts(scores, k)
@@ -229,10 +255,27 @@ class Engine:
         return [(layer, int(unique[i])) for i in np.argsort(-totals, kind="stable")]
 
     def _preload_first_layer(self) -> None:
-        """After the last layer, queue layer 0's most frequent experts for the next token."""
-        shares = self.routing.shares()[0]
+        """After the last layer, queue the first MoE layer's most frequent experts for the next token."""
+        first = self.moe_layers[0] if self.moe_layers else None
+        if first is None:
+            return
+        shares = self.routing.shares()[first]
         best = np.argsort(-shares, kind="stable")[:self.config.num_experts_per_tok]
-        self.preloader.request([(0, int(e)) for e in best])
+        self.preloader.request([(first, int(e)) for e in best])
+
+    def mlp_block(self, moe_out: np.ndarray | None, dense_out: np.ndarray | None) -> np.ndarray:
+        """Compute the output [T, H] of one layer's MLP block, to be added to the residual.
+
+        The output is the routed experts' weighted sum plus `dense_mlp_out` (a shared expert, or
+        the whole MLP of a dense layer), added in the order transformers adds them, times the
+        config's residual_multiplier.
+        """
+        out = moe_out
+        if dense_out is not None:
+            out = dense_out if out is None else out + dense_out
+        if self.config.residual_multiplier != 1.0:
+            out = out * np.float32(self.config.residual_multiplier)
+        return out
 
     def moe(self, layer: int, x: np.ndarray, weights: np.ndarray, experts: np.ndarray) -> np.ndarray:
         """Weighted sum of the chosen experts' outputs for x [T, H], weights and experts [T, K].

@@ -10,9 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from edgemoe.runtime.routing import ROUTING_METHODS
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -39,6 +42,14 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: list[int]
     pad_token_id: int | None = None
+    # Per layer, whether it is an MoE layer; a dense layer has no router and no experts. None
+    # (bundles written before dense layers were supported) means every layer is an MoE layer.
+    moe_layers: list[bool] | None = None
+    routing: str = "softmax_topk"  # a key of edgemoe.runtime.routing.ROUTING_METHODS
+    residual_multiplier: float = 1.0  # factor on the MLP block's output before the residual add
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe_layers is None or self.moe_layers[layer]
 
 
 @dataclass
@@ -73,10 +84,23 @@ class Manifest:
     routing_profile: dict[str, Any] | None = None
     source: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self):
+        # Not a dataclass field, so to_json leaves it out.
+        self._experts_by_key = {(e.layer, e.index): e for e in self.experts}
+
     # Derived values
 
     def expert(self, layer: int, index: int) -> ExpertEntry:
-        return self.experts[layer * self.config.num_experts + index]
+        """Return the entry of expert `index` of MoE layer `layer`.
+
+        Raises:
+            BundleError: the bundle has no such expert (a dense layer, or an index >= num_experts).
+        """
+        entry = self._experts_by_key.get((layer, index))
+        if entry is None:
+            raise BundleError(f"the bundle has no expert {index} in layer {layer}: MoE layers have experts "
+                              f"0..{self.config.num_experts - 1}, and dense layers have none")
+        return entry
 
     @property
     def expert_bytes(self) -> int:
@@ -85,20 +109,20 @@ class Manifest:
 
     @property
     def dense_bytes(self) -> int:
+        """Bytes of every graph and weight file outside the expert list: embedding, attention,
+        routers, norms, LM head, shared experts and the MLPs of dense layers."""
         expert_files = {e.file for e in self.experts} | {e.data_file for e in self.experts}
         return sum(f.bytes for name, f in self.files.items()
                    if name not in expert_files and name.endswith((".onnx", ".bin")))
 
     @property
     def min_expert_budget(self) -> int:
-        """Smallest budget that holds the top-k experts one token needs in one layer."""
+        """Smallest budget that holds the top-k experts one token needs in one MoE layer."""
         k = self.config.num_experts_per_tok
-        worst = 0
-        for layer in range(self.config.num_hidden_layers):
-            sizes = sorted((self.expert(layer, i).resident_bytes
-                            for i in range(self.config.num_experts)), reverse=True)
-            worst = max(worst, sum(sizes[:k]))
-        return worst
+        sizes_by_layer: dict[int, list[int]] = defaultdict(list)
+        for entry in self.experts:
+            sizes_by_layer[entry.layer].append(entry.resident_bytes)
+        return max((sum(sorted(sizes, reverse=True)[:k]) for sizes in sizes_by_layer.values()), default=0)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -152,10 +176,7 @@ def load_manifest(bundle_dir: str | os.PathLike) -> Manifest:
     except (KeyError, TypeError) as exc:
         raise BundleError(f"invalid {path}: missing or unexpected field {exc}") from exc
 
-    expected = manifest.config.num_hidden_layers * manifest.config.num_experts
-    if len(manifest.experts) != expected:
-        raise BundleError(f"invalid {path}: {len(manifest.experts)} experts listed, "
-                          f"expected {expected} (layers x experts)")
+    _check_experts(path, manifest)
     for name, entry in manifest.files.items():
         file_path = bundle / name
         if not file_path.is_file():
@@ -165,6 +186,23 @@ def load_manifest(bundle_dir: str | os.PathLike) -> Manifest:
             raise BundleError(f"bundle file {file_path} has {size} bytes, manifest says {entry.bytes}: "
                               "the file is truncated or altered; re-export or copy the bundle again")
     return manifest
+
+
+def _check_experts(path: Path, manifest: Manifest) -> None:
+    """Check the routing method, the per-layer flags and that each MoE layer lists every expert once."""
+    cfg = manifest.config
+    if cfg.routing not in ROUTING_METHODS:
+        raise BundleError(f"invalid {path}: routing {cfg.routing!r} is not one of "
+                          f"{', '.join(ROUTING_METHODS)}; update edgemoe or re-export the checkpoint")
+    if cfg.moe_layers is not None and len(cfg.moe_layers) != cfg.num_hidden_layers:
+        raise BundleError(f"invalid {path}: moe_layers has {len(cfg.moe_layers)} entries, expected "
+                          f"{cfg.num_hidden_layers} (num_hidden_layers)")
+    moe_layers = [layer for layer in range(cfg.num_hidden_layers) if cfg.is_moe_layer(layer)]
+    expected = {(layer, index) for layer in moe_layers for index in range(cfg.num_experts)}
+    listed = [(e.layer, e.index) for e in manifest.experts]
+    if len(listed) != len(expected) or set(listed) != expected:
+        raise BundleError(f"invalid {path}: {len(listed)} experts listed, expected {len(expected)} "
+                          f"(experts 0..{cfg.num_experts - 1} of each of the {len(moe_layers)} MoE layers, once)")
 
 
 def verify_file(bundle_dir: str | os.PathLike, manifest: Manifest, name: str) -> None:

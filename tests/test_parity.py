@@ -32,19 +32,25 @@ ALL_MODELS = (*TINY_MODELS, DEMO)
 FP32_TOLERANCE = 1e-4
 
 # fp16 stores each weight with a relative rounding error of at most 2^-11 (about 4.9e-4). The
-# tiny random models amplify that error, because their logits are large (std about 2.2, max
-# |logit| 9 to 10). Measured max-abs logit differences over the 20 prompt positions, with
-# onnxruntime 1.32 on x86_64, are 0.035 (tiny-mixtral), 0.027 (tiny-qwen3-moe) and 0.042
-# (tiny-olmoe). 0.1 leaves a margin of 2.4x and is about 1 % of the logit range. The demo
+# tiny random models amplify that error, because their logits are large (std 1.5 to 2.2, max
+# |logit| 6 to 11). Measured max-abs logit differences over the 20 prompt positions, with
+# onnxruntime 1.32 on x86_64, are 0.035 (tiny-mixtral), 0.027 (tiny-qwen3-moe), 0.042
+# (tiny-olmoe), 0.015 (tiny-granitemoe) and 0.141 (tiny-qwen2-moe). 0.1 leaves a margin of 2.4x
+# and is about 1 % of the logit range. tiny-qwen2-moe has 6 layers, 4 of them with a dense MLP
+# and the other 2 with a shared expert, and its error grows with the position up to 0.141 at
+# the last one. transformers with the weights rounded to float16 moves the logits by the same
+# 0.141 and picks the same experts, so 0.3 (a margin of 2.1x) covers rounding, not a bug. The demo
 # checkpoint is stored in float16, so its fp16 export rounds nothing and keeps the fp32 tolerance.
-FP16_TOLERANCE = {"tiny-mixtral": 0.1, "tiny-qwen3-moe": 0.1, "tiny-olmoe": 0.1, DEMO: FP32_TOLERANCE}
+FP16_TOLERANCE = {"tiny-mixtral": 0.1, "tiny-qwen3-moe": 0.1, "tiny-olmoe": 0.1, "tiny-qwen2-moe": 0.3,
+                  "tiny-granitemoe": 0.1, DEMO: FP32_TOLERANCE}
 
 # Greedy tokens of the fp16 bundles that must equal the reference. In tiny-mixtral, the token
 # before greedy step 18 has a near-tie in layer 0's router. Its third and fourth router logits
 # are 1.1871 and 1.1847 (gap 0.0024), and fp16 rounding moves router logits by up to 0.0039.
 # The third expert switches from 1 to 4, the logits jump by 1.36 and the greedy tokens diverge
 # from step 18 on. The other models match all 32 steps.
-FP16_GREEDY_PREFIX = {"tiny-mixtral": 18, "tiny-qwen3-moe": 32, "tiny-olmoe": 32, DEMO: 32}
+FP16_GREEDY_PREFIX = {"tiny-mixtral": 18, "tiny-qwen3-moe": 32, "tiny-olmoe": 32, "tiny-qwen2-moe": 32,
+                      "tiny-granitemoe": 32, DEMO: 32}
 
 
 def prompt_logits_and_greedy(engine: Engine, prompt_ids: list[int], steps: int) -> tuple[np.ndarray, list[int]]:

@@ -2,7 +2,11 @@
 graphs (embedding, one dense graph per layer, one graph per expert, final norm + LM head).
 
 A family module subclasses `Architecture`, sets `model_type` and its name table, and overrides
-only what differs (config fields, q/k norms, routing details).
+only what differs (config fields, q/k norms, routing details, shared experts, fused experts).
+
+Everything that runs for every token stays in the dense layer graph: attention, the router, a
+dense layer's MLP and a shared expert. Only routed experts get their own graphs, so only they
+count against the runtime's expert budget.
 """
 
 from __future__ import annotations
@@ -47,6 +51,16 @@ class ArchConfig:
     eos_token_ids: list[int]
     pad_token_id: int | None
     clip_qkv: float | None = None
+    # Per layer: True for an MoE layer, False for a dense MLP layer. parse_config fills it in.
+    moe_layers: list[bool] = field(default_factory=list)
+    dense_intermediate_size: int | None = None  # MLP width of dense layers (qwen2_moe `intermediate_size`)
+    shared_expert_intermediate_size: int | None = None
+    attention_bias: tuple[str, ...] = ()  # projections with a bias, such as ("q_proj", "k_proj", "v_proj")
+    attention_multiplier: float | None = None  # scale of q·k; None means head_dim ** -0.5
+    embedding_multiplier: float = 1.0  # factor on the embedding output
+    residual_multiplier: float = 1.0  # factor on the attention and MLP outputs before each residual add
+    logits_scaling: float = 1.0  # the logits are divided by it
+    routing: str = "softmax_topk"  # see edgemoe.runtime.routing.ROUTING_METHODS
     extra: dict = field(default_factory=dict)
 
     def runtime_config(self) -> ModelConfig:
@@ -57,7 +71,8 @@ class ArchConfig:
             num_experts_per_tok=self.num_experts_per_tok, norm_topk_prob=self.norm_topk_prob,
             vocab_size=self.vocab_size, max_position_embeddings=self.max_position_embeddings,
             bos_token_id=self.bos_token_id, eos_token_ids=self.eos_token_ids,
-            pad_token_id=self.pad_token_id)
+            pad_token_id=self.pad_token_id, moe_layers=list(self.moe_layers), routing=self.routing,
+            residual_multiplier=self.residual_multiplier)
 
 
 def _eos_ids(config: dict, generation_config: dict) -> list[int]:
@@ -96,10 +111,18 @@ class Architecture:
         "o_proj": "model.layers.{layer}.self_attn.o_proj.weight",
         "q_norm": "model.layers.{layer}.self_attn.q_norm.weight",
         "k_norm": "model.layers.{layer}.self_attn.k_norm.weight",
+        "q_proj_bias": "model.layers.{layer}.self_attn.q_proj.bias",
+        "k_proj_bias": "model.layers.{layer}.self_attn.k_proj.bias",
+        "v_proj_bias": "model.layers.{layer}.self_attn.v_proj.bias",
+        "o_proj_bias": "model.layers.{layer}.self_attn.o_proj.bias",
         "router": "model.layers.{layer}.mlp.gate.weight",
         "expert_gate": "model.layers.{layer}.mlp.experts.{expert}.gate_proj.weight",
         "expert_up": "model.layers.{layer}.mlp.experts.{expert}.up_proj.weight",
         "expert_down": "model.layers.{layer}.mlp.experts.{expert}.down_proj.weight",
+        # The MLP of a dense (non-MoE) layer.
+        "mlp_gate": "model.layers.{layer}.mlp.gate_proj.weight",
+        "mlp_up": "model.layers.{layer}.mlp.up_proj.weight",
+        "mlp_down": "model.layers.{layer}.mlp.down_proj.weight",
     }
     # "none", "per_head" (RMSNorm over D of each head, Qwen3) or "full" (over N*D, OLMoE)
     qk_norm: ClassVar[str] = "none"
@@ -117,6 +140,10 @@ class Architecture:
         if experts is None:
             raise KeyError("num_experts")
         return int(experts), int(config["moe_intermediate_size"])
+
+    def moe_layer_flags(self, config: dict, num_layers: int) -> list[bool]:
+        """Return one flag per layer, True for an MoE layer. Families with dense layers override this."""
+        return [True] * num_layers
 
     def parse_config(self, config: dict, generation_config: dict) -> ArchConfig:
         try:
@@ -148,8 +175,18 @@ class Architecture:
                 pad_token_id=config.get("pad_token_id"),
                 clip_qkv=config.get("clip_qkv"),
             )
+            arch.moe_layers = self.moe_layer_flags(config, arch.num_hidden_layers)
         except KeyError as exc:
             raise CheckpointError(f"config.json lacks the field {exc}, which {self.model_type} needs") from exc
+        if not 1 <= arch.num_experts_per_tok <= arch.num_experts:
+            raise UnsupportedConfigError(
+                f"num_experts_per_tok {arch.num_experts_per_tok} is outside 1..{arch.num_experts} "
+                "(num_experts); fix config.json")
+        if not any(arch.moe_layers):
+            raise UnsupportedConfigError(
+                f"no layer of this {self.model_type} checkpoint is an MoE layer (num_experts "
+                f"{arch.num_experts}, {arch.num_hidden_layers} layers); edgemoe exports MoE models, "
+                "and a dense model has no experts to stream")
         if arch.num_attention_heads % arch.num_key_value_heads:
             raise UnsupportedConfigError(
                 f"num_attention_heads {arch.num_attention_heads} is not a multiple of "
@@ -180,15 +217,29 @@ class Architecture:
         cfg = self.config
         roles = ["embed", "final_norm"] + ([] if cfg.tie_word_embeddings else ["lm_head"])
         names = [self.names[r] for r in roles]
-        layer_roles = ["input_norm", "post_attention_norm", "q_proj", "k_proj", "v_proj", "o_proj", "router"]
-        if self.qk_norm != "none":
-            layer_roles += ["q_norm", "k_norm"]
         for layer in range(cfg.num_hidden_layers):
-            names += [self.names[r].format(layer=layer) for r in layer_roles]
-            for expert in range(cfg.num_experts):
-                names += [self.names[r].format(layer=layer, expert=expert)
-                          for r in ("expert_gate", "expert_up", "expert_down")]
+            names += [self.names[r].format(layer=layer) for r in self.layer_roles(layer)]
+            if cfg.moe_layers[layer]:
+                names += self.expert_names(layer)
         return names
+
+    def layer_roles(self, layer: int) -> list[str]:
+        """Return the name-table roles of the tensors in one layer's dense graph."""
+        roles = ["input_norm", "post_attention_norm", "q_proj", "k_proj", "v_proj", "o_proj"]
+        roles += [f"{projection}_bias" for projection in self.config.attention_bias]
+        if self.qk_norm != "none":
+            roles += ["q_norm", "k_norm"]
+        if self.config.moe_layers[layer]:
+            roles.append("router")
+        else:
+            roles += ["mlp_gate", "mlp_up", "mlp_down"]
+        return roles
+
+    def expert_names(self, layer: int) -> list[str]:
+        """Return the tensor names of all routed experts of one MoE layer."""
+        return [self.names[r].format(layer=layer, expert=expert)
+                for expert in range(self.config.num_experts)
+                for r in ("expert_gate", "expert_up", "expert_down")]
 
     # Graphs
 
@@ -201,6 +252,9 @@ class Architecture:
         hidden = g.op("Gather", [table, ids], "/embed", axis=0)
         if np.dtype(dtype) != np.float32:
             hidden = g.op("Cast", [hidden], "/embed", to=TensorProto.FLOAT)
+        if self.config.embedding_multiplier != 1.0:
+            multiplier = g.const("/embed/multiplier", np.array(self.config.embedding_multiplier, np.float32))
+            hidden = g.op("Mul", [hidden, multiplier], "/embed")
         g.output(hidden, "hidden", TensorProto.FLOAT, ["T", self.config.hidden_size])
         return g
 
@@ -216,17 +270,23 @@ class Architecture:
         else:
             table = g.weight("lm_head.weight", self.tensor("lm_head"))
         logits = g.op("Gemm", [normed, table], "/lm_head", transB=1)
+        if cfg.logits_scaling != 1.0:
+            scaling = g.const("/lm_head/logits_scaling", np.array(cfg.logits_scaling, np.float32))
+            logits = g.op("Div", [logits, scaling], "/lm_head")
         g.output(logits, "logits", TensorProto.FLOAT, ["T", cfg.vocab_size])
         return g
 
     def build_layer(self, layer: int, dtype: np.dtype) -> GraphBuilder:
-        """Attention and router of one decoder layer.
+        """Attention, router and the dense part of the MLP block of one decoder layer.
 
         Inputs: hidden [T, H], position_ids [T], past_key / past_value [K, P, D].
-        Outputs: residual [T, H] (hidden + attention), moe_input [T, H] (post-attention norm),
-        router_logits [T, E], present_key / present_value [K, S, D], and for every layer but the
-        last next_router_logits [T, E]: layer l+1's norm and router applied to this layer's
-        residual, which predicts layer l+1's experts before this layer's experts run.
+        Outputs: residual [T, H] (hidden + attention), present_key / present_value [K, S, D], and
+        - in an MoE layer, moe_input [T, H] (the post-attention norm) and router_logits [T, E];
+        - in a dense layer or a layer with a shared expert, dense_mlp_out [T, H], which the
+          runtime adds to the routed experts' weighted sum.
+        - in every layer before an MoE layer, next_router_logits [T, E]: layer l+1's norm and router
+          applied to this layer's residual, which predicts layer l+1's experts before this layer's
+          experts run.
         """
         cfg = self.config
         s = f"/layers.{layer}"
@@ -239,18 +299,25 @@ class Architecture:
 
         x = rms_norm(g, hidden, self.tensor("input_norm", layer), cfg.rms_norm_eps, f"{s}/input_layernorm")
         attn = self.attention(g, x, position_ids, past_k, past_v, layer)
-        residual = g.op("Add", [hidden, attn[0]], s)
+        attn_out = attn[0]
+        if cfg.residual_multiplier != 1.0:
+            multiplier = g.const(f"{s}/residual_multiplier", np.array(cfg.residual_multiplier, np.float32))
+            attn_out = g.op("Mul", [attn_out, multiplier], s)
+        residual = g.op("Add", [hidden, attn_out], s)
 
-        moe_input = rms_norm(g, residual, self.tensor("post_attention_norm", layer), cfg.rms_norm_eps,
+        mlp_input = rms_norm(g, residual, self.tensor("post_attention_norm", layer), cfg.rms_norm_eps,
                              f"{s}/post_attention_layernorm")
-        router_logits = linear(g, moe_input, self.tensor("router", layer), f"{s}/router")  # [T, E]
-
         g.output(residual, "residual", TensorProto.FLOAT, ["T", cfg.hidden_size])
-        g.output(moe_input, "moe_input", TensorProto.FLOAT, ["T", cfg.hidden_size])
-        g.output(router_logits, "router_logits", TensorProto.FLOAT, ["T", cfg.num_experts])
+        if cfg.moe_layers[layer]:
+            router_logits = linear(g, mlp_input, self.tensor("router", layer), f"{s}/router")  # [T, E]
+            g.output(mlp_input, "moe_input", TensorProto.FLOAT, ["T", cfg.hidden_size])
+            g.output(router_logits, "router_logits", TensorProto.FLOAT, ["T", cfg.num_experts])
+        dense_out = self.dense_mlp(g, mlp_input, layer)
+        if dense_out is not None:
+            g.output(dense_out, "dense_mlp_out", TensorProto.FLOAT, ["T", cfg.hidden_size])
         g.output(attn[1], "present_key", TensorProto.FLOAT, [cfg.num_key_value_heads, "S", cfg.head_dim])
         g.output(attn[2], "present_value", TensorProto.FLOAT, [cfg.num_key_value_heads, "S", cfg.head_dim])
-        if layer + 1 < cfg.num_hidden_layers:
+        if layer + 1 < cfg.num_hidden_layers and cfg.moe_layers[layer + 1]:
             ahead = f"{s}/lookahead"
             next_input = rms_norm(g, residual, self.tensor("post_attention_norm", layer + 1), cfg.rms_norm_eps,
                                   f"{ahead}/post_attention_layernorm")
@@ -263,9 +330,12 @@ class Architecture:
         cfg = self.config
         s = f"/layers.{layer}/attn"
         n, k, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q = linear(g, x, self.tensor("q_proj", layer), f"{s}/q_proj")                  # [T, N*D]
-        key = linear(g, x, self.tensor("k_proj", layer), f"{s}/k_proj")                # [T, K*D]
-        value = linear(g, x, self.tensor("v_proj", layer), f"{s}/v_proj")              # [T, K*D]
+        q = linear(g, x, self.tensor("q_proj", layer), f"{s}/q_proj",
+                   self.bias("q_proj", layer))                                           # [T, N*D]
+        key = linear(g, x, self.tensor("k_proj", layer), f"{s}/k_proj",
+                     self.bias("k_proj", layer))                                         # [T, K*D]
+        value = linear(g, x, self.tensor("v_proj", layer), f"{s}/v_proj",
+                       self.bias("v_proj", layer))                                       # [T, K*D]
         if self.qk_norm == "full":
             q = rms_norm(g, q, self.tensor("q_norm", layer), cfg.rms_norm_eps, f"{s}/q_norm")
             key = rms_norm(g, key, self.tensor("k_norm", layer), cfg.rms_norm_eps, f"{s}/k_norm")
@@ -288,9 +358,28 @@ class Architecture:
         q = apply_rope(g, q, cos, sin, d, f"{s}/rope_q")
         key = apply_rope(g, key, cos, sin, d, f"{s}/rope_k")
 
-        out, all_k, all_v = causal_attention(g, q, key, value, past_k, past_v, n, k, d, s)
-        out = linear(g, out, self.tensor("o_proj", layer), f"{s}/o_proj")               # [T, H]
+        out, all_k, all_v = causal_attention(g, q, key, value, past_k, past_v, n, k, d, s,
+                                             scale=cfg.attention_multiplier)
+        out = linear(g, out, self.tensor("o_proj", layer), f"{s}/o_proj",
+                     self.bias("o_proj", layer))                                         # [T, H]
         return out, all_k, all_v
+
+    def bias(self, projection: str, layer: int) -> np.ndarray | None:
+        """Return the bias of an attention projection, or None when the config gives it none."""
+        if projection not in self.config.attention_bias:
+            return None
+        return self.tensor(f"{projection}_bias", layer)
+
+    def dense_mlp(self, g: GraphBuilder, x: str, layer: int) -> str | None:
+        """Build the part of the MLP block that every token runs, for x [T, H].
+
+        Returns the output [T, H] of a dense layer's SwiGLU MLP, or None in an MoE layer.
+        Families with a shared expert override this.
+        """
+        if self.config.moe_layers[layer]:
+            return None
+        gate, up, down = (self.tensor(role, layer) for role in ("mlp_gate", "mlp_up", "mlp_down"))
+        return swiglu_expert(g, x, gate, up, down, f"/layers.{layer}/mlp")              # [T, H]
 
     def build_expert(self, layer: int, expert: int, dtype: np.dtype) -> GraphBuilder:
         """x [T, H] -> y [T, H] for one expert, unweighted (the runtime applies routing weights)."""
