@@ -36,7 +36,8 @@ def run_synth(args) -> int:
     from edgemoe.export.synth import synthesize
 
     out = synthesize(args.shape, args.out, layers=args.layers, seed=args.seed, progress=sys.stderr.isatty())
-    print(f"wrote a random {args.shape} checkpoint with {args.layers} layers to {out}")
+    layers = "1 layer" if args.layers == 1 else f"{args.layers} layers"
+    print(f"wrote a random {args.shape} checkpoint with {layers} to {out}")
     return 0
 
 
@@ -45,6 +46,10 @@ def run_export(args) -> int:
 
     from edgemoe.export.writer import export_checkpoint
 
+    if args.profile_text:
+        from edgemoe.runtime.cli import _read_text
+        _read_text(args.profile_text, "--profile-text")  # fail before a long export, not after it
+
     summary = export_checkpoint(args.source, args.out, dtype=args.dtype, overwrite=args.overwrite,
                                 progress=sys.stderr.isatty())
     print(summary.describe())
@@ -52,7 +57,7 @@ def run_export(args) -> int:
         from edgemoe.runtime.cli import _read_text
         from edgemoe.runtime.profiling import profile_bundle
 
-        result = profile_bundle(args.out, _read_text(args.profile_text), source=args.profile_text,
+        result = profile_bundle(args.out, _read_text(args.profile_text, "--profile-text"), source=args.profile_text,
                                 progress=sys.stderr.isatty())
         print(f"recorded the routing profile of {result['tokens']} tokens")
     return 0

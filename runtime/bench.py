@@ -147,8 +147,10 @@ def run_bench(config: BenchConfig, progress=print) -> dict:
                         drop_note = drop_page_cache() or drop_note
                     started = time.perf_counter()
                     runs.append(run_once(config, mode, budget, cgroup))
-                    progress(f"{mode} @ {budget} run {repeat + 1}/{config.repeat}: "
-                             f"{runs[-1].get('decode_tokens_per_second', runs[-1].get('error'))} "
+                    rate = runs[-1].get("decode_tokens_per_second")
+                    outcome = f"{rate:.1f} tok/s" if rate is not None else f"error: {runs[-1].get('error')}"
+                    label = "-" if mode in ("all-in-ram", "llama.cpp") else budget
+                    progress(f"{mode} @ {label} run {repeat + 1}/{config.repeat}: {outcome} "
                              f"({time.perf_counter() - started:.1f} s)")
                 budget_label = "-" if mode in ("all-in-ram", "llama.cpp") else budget
                 results.append({"mode": mode, "budget": budget_label, **summarize(runs)})

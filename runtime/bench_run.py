@@ -31,7 +31,17 @@ def mode_options(mode: str) -> dict:
         return dict(MODES[mode])
     parts = mode.split(":")
     if len(parts) == 3 and parts[0] == "edgemoe":
-        return {"predictor": parts[1], "preload": True, "eviction": parts[2]}
+        from edgemoe.runtime.eviction import POLICIES
+        from edgemoe.runtime.predictors import PREDICTORS
+
+        predictor, policy = parts[1], parts[2]
+        if predictor not in ("auto", *PREDICTORS):
+            raise ValueError(f"unknown predictor {predictor!r} in mode {mode!r}; choose one of auto, "
+                             f"{', '.join(PREDICTORS)} (for no predictor, use the lru mode)")
+        if policy not in POLICIES:
+            raise ValueError(f"unknown eviction policy {policy!r} in mode {mode!r}; choose one of "
+                             f"{', '.join(POLICIES)}")
+        return {"predictor": predictor, "preload": True, "eviction": policy}
     raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}, llama.cpp, or "
                      "edgemoe:PREDICTOR:POLICY (e.g. edgemoe:table:lru)")
 
@@ -125,7 +135,7 @@ def main() -> int:
     try:
         result = run_llama_cpp(config) if config["mode"] == "llama.cpp" else run_edgemoe(config)
     except Exception as exc:  # reported to the driver, which prints it in the table
-        result = {"error": f"{type(exc).__name__}: {exc}"}
+        result = {"error": str(exc) or type(exc).__name__}
     print(json.dumps(result))
     return 0
 

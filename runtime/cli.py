@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -133,25 +134,48 @@ def run_bench_command(args) -> int:
     bundle = resolve_bundle(args.bundle)
     manifest = load_manifest(bundle)
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
-    for budget in budgets:
-        parse_size(budget, total=manifest.expert_bytes)
+    if not budgets:
+        raise ValueError("--budgets is empty; give sizes or percentages such as 100%,25%")
+    notes = []
+    for budget in list(budgets):
+        size = parse_size(budget, total=manifest.expert_bytes)
+        if size < manifest.min_expert_budget:
+            budgets.remove(budget)
+            notes.append(f"budget {budget} skipped: {size} bytes is below this model's minimum of "
+                         f"{manifest.min_expert_budget} bytes (one layer's top-k experts)")
+    if not budgets:
+        raise ValueError(f"every --budgets value is below this model's minimum expert budget of "
+                         f"{manifest.min_expert_budget} bytes; " + "; ".join(notes))
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes:
+        raise ValueError("--modes is empty; give modes such as lru,edgemoe")
     for mode in modes:
         if mode == "llama.cpp":
             if not args.gguf:
                 raise ValueError("mode llama.cpp needs --gguf FILE (a GGUF conversion of the same checkpoint)")
+            if not Path(args.gguf).is_file():
+                raise ValueError(f"--gguf {args.gguf} not found")
         else:
             mode_options(mode)
-    if args.max_tokens < 2 or args.repeat < 1:
-        raise ValueError(f"--max-tokens must be >= 2 and --repeat >= 1, got {args.max_tokens} and {args.repeat}")
+    if args.max_tokens < 2:
+        raise ValueError(f"--max-tokens must be >= 2 (decode speed needs two tokens), got {args.max_tokens}")
+    if args.repeat < 1:
+        raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise ValueError(f"--json {args.json}: the directory {Path(args.json).resolve().parent} does not exist")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError("--plot needs matplotlib; pip install matplotlib, or leave out --plot") from None
     prompts = DEFAULT_PROMPTS
     if args.prompts:
-        prompts = [line.strip() for line in _read_text(args.prompts).splitlines() if line.strip()]
+        prompts = [line.strip() for line in _read_text(args.prompts, "--prompts").splitlines() if line.strip()]
         if not prompts:
             raise ValueError(f"--prompts {args.prompts} has no non-empty line")
     config = BenchConfig(bundle=str(bundle), budgets=budgets, modes=modes, prompts=prompts,
                          max_tokens=args.max_tokens, repeat=args.repeat, drop_caches=args.drop_caches,
-                         memory_cap=args.memory_cap, gguf=args.gguf, threads=args.threads)
+                         memory_cap=args.memory_cap, gguf=args.gguf, threads=args.threads, notes=notes)
     report = run_bench(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_table(report))
     if args.json:
@@ -159,15 +183,19 @@ def run_bench_command(args) -> int:
             json.dump(report, f, indent=1)
     if args.plot:
         plot(report, args.plot)
+    if all("error" in r for r in report["results"]):
+        raise RuntimeError("every benchmark run failed; the table shows why")
     return 0
 
 
-def _read_text(path: str) -> str:
+def _read_text(path: str, flag: str = "--text") -> str:
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except UnicodeDecodeError as exc:
-        raise ValueError(f"--text {path} is not UTF-8 text: {exc}") from None
+        raise ValueError(f"{flag} {path} is not UTF-8 text: {exc}") from None
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: {(exc.strerror or str(exc)).lower()}") from None
 
 
 def run_profile(args) -> int:
@@ -196,7 +224,7 @@ def stats_line(result: GenerationResult) -> str:
     return (f"prompt {s.prompt_tokens} tok, generated {s.generated_tokens} tok ({result.finish_reason}); "
             f"prefill {s.prefill_tokens_per_second:.1f} tok/s, decode {s.decode_tokens_per_second:.1f} tok/s; "
             f"expert loads {s.expert_loads} ({s.preloads} preloaded, {s.preloads_used} of them used), "
-            f"hits {s.cache_hits}, misses {s.cache_misses}, read {format_bytes(s.bytes_read)}, "
+            f"hits {s.cache_hits}, waits for preloads {s.inflight_hits}, misses {s.cache_misses}, read {format_bytes(s.bytes_read)}, "
             f"stall {s.stall_seconds:.2f} s; peak experts {format_bytes(s.peak_resident_expert_bytes)} "
             f"of {format_bytes(s.expert_budget_bytes)} budget; peak RSS {format_bytes(s.peak_rss_bytes)}")
 

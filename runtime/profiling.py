@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,10 @@ from edgemoe.runtime.engine import Engine, EngineOptions
 from edgemoe.runtime.evaluate import split_windows
 from edgemoe.runtime.manifest import load_manifest
 from edgemoe.runtime.tokenizer import BundleTokenizer
+
+logger = logging.getLogger(__name__)
+
+MIN_PROFILE_TOKENS = 256
 
 
 def profile_bundle(bundle: str | Path, text: str, window: int | None = None, source: str = "",
@@ -30,8 +35,12 @@ def profile_bundle(bundle: str | Path, text: str, window: int | None = None, sou
     if not 2 <= window <= context:
         raise ValueError(f"--window must be in [2, {context}] (the context window), got {window}")
     windows = split_windows(tokenizer.encode(text, add_special_tokens=False), window)
-    if not windows:
-        raise ValueError("the calibration text has fewer than 2 tokens; give a longer text")
+    tokens = sum(len(w) for w in windows)
+    if tokens < MIN_PROFILE_TOKENS:
+        raise ValueError(f"the calibration text has {tokens} tokens; a routing profile needs at least "
+                         f"{MIN_PROFILE_TOKENS} (a few thousand give stable tables); give a longer text")
+    if tokens < 2048:
+        logger.warning("the calibration text has only %d tokens; the profile's tables will be noisy", tokens)
     for chunk in tqdm(windows, desc="profile", unit="window", disable=not progress):
         engine.forward(np.asarray(chunk), engine.new_cache())
     engine.close()

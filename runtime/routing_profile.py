@@ -30,7 +30,9 @@ class RoutingStats:
         self._conditional: np.ndarray | None = None
 
     def _refresh(self) -> None:
-        if self._shares is not None and self.tokens - self._cached_at < self.REFRESH_TOKENS:
+        # Early on the tables are rebuilt as the token count doubles, so they learn fast.
+        fresh = self.tokens - self._cached_at < min(self.REFRESH_TOKENS, max(self._cached_at, 1))
+        if self._shares is not None and fresh:
             return
         self._cached_at = self.tokens
         totals = self.counts.sum(axis=1, keepdims=True)

@@ -211,3 +211,27 @@ def test_synth_existing_output(tiny_shapes, tmp_path):
     assert str(out) in str(error.value)
     assert [path.name for path in out.iterdir()] == ["notes.txt"]
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_bench_fails_when_every_run_fails(tiny_bundle, run_cli, tmp_path):
+    not_gguf = tmp_path / "model.gguf"
+    not_gguf.write_bytes(b"not a gguf file")
+
+    completed = run_cli(["bench", tiny_bundle, "--modes", "llama.cpp", "--gguf", not_gguf, *SMALL_BENCH])
+
+    assert completed.returncode == 1
+    assert "every benchmark run failed" in completed.stderr
+
+
+def test_bench_skips_budget_below_minimum(tiny_bundle, run_cli):
+    completed = run_cli(["bench", tiny_bundle, "--budgets", "100%,1%", "--modes", "lru", *SMALL_BENCH])
+
+    assert completed.returncode == 0, completed.stderr
+    assert "budget 1% skipped" in completed.stdout
+
+
+def test_bench_rejects_unknown_predictor_in_mode(tiny_bundle, run_cli):
+    completed = run_cli(["bench", tiny_bundle, "--modes", "edgemoe:bogus:lru", *SMALL_BENCH])
+
+    line = assert_one_line_error(completed)
+    assert "'bogus'" in line

@@ -26,6 +26,8 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import checkpoint_dir
+
 from edgemoe.runtime.engine import Engine, EngineOptions
 from edgemoe.runtime.evaluate import split_windows
 from edgemoe.runtime.loading import load_model
@@ -320,3 +322,25 @@ def test_recall_meter_hand_case():
 
 def test_recall_meter_empty():
     assert RecallMeter(num_layers=2).summary() == {"overall": None, "per_layer": [None, None]}
+
+
+def test_profile_rejects_tiny_text(demo_bundle, tmp_path, run_cli):
+    bundle = tmp_path / "demo"
+    shutil.copytree(demo_bundle, bundle)
+    text = tmp_path / "tiny.txt"
+    text.write_text("hi")
+
+    completed = run_cli(["profile", bundle, "--text", text])
+
+    assert completed.returncode == 1
+    assert "at least 256" in completed.stderr
+
+
+def test_export_profile_text_checked_first(tmp_path, run_cli):
+    out = tmp_path / "bundle"
+
+    completed = run_cli(["export", checkpoint_dir("tiny-mixtral"), out, "--profile-text", tmp_path / "absent.txt"])
+
+    assert completed.returncode == 1
+    assert "--profile-text" in completed.stderr
+    assert not out.exists()
