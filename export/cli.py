@@ -12,6 +12,18 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("out", help="bundle directory to create")
     parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
                         help="storage precision of the weights (default fp32)")
+    parser.add_argument("--expert-bits", choices=["16", "8", "4", "auto"], default=None,
+                        help="precision of the routed experts: 16 stores fp16, 8 and 4 store integers with "
+                             "one float32 scale per block, auto picks 8 or 4 per expert on --calibration "
+                             "text (default: the --dtype precision)")
+    parser.add_argument("--quality-budget", type=_percentage, default="2%", metavar="PERCENT",
+                        help="with --expert-bits auto: allowed calibration perplexity increase over "
+                             "all-int8 experts, such as 2%% (default 2%%)")
+    parser.add_argument("--calibration", metavar="FILE", default=None,
+                        help="with --expert-bits auto: UTF-8 text to measure perplexity on (required)")
+    parser.add_argument("--block-size", type=int, choices=[16, 32, 64, 128, 256], default=32,
+                        help="weights per quantization scale, along each expert projection's input axis, "
+                             "for --expert-bits 8 and 4 (default 32)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle at OUT")
     parser.add_argument("--profile-text", metavar="FILE", default=None,
                         help="after exporting, record the routing profile on this UTF-8 calibration text "
@@ -28,6 +40,17 @@ def add_parsers(subparsers) -> None:
     synth.add_argument("--layers", type=int, default=2, help="decoder layers to write (default 2)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     synth.set_defaults(run=run_synth)
+
+
+def _percentage(value: str) -> float:
+    """Parse "2%" or "2" (percent) into a fraction."""
+    import argparse
+
+    try:
+        number = float(value.strip().removesuffix("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid percentage {value!r}; write a number such as 2%") from None
+    return number / 100
 
 
 def run_synth(args) -> int:
@@ -50,9 +73,20 @@ def run_export(args) -> int:
         from edgemoe.runtime.cli import _read_text
         _read_text(args.profile_text, "--profile-text")  # fail before a long export, not after it
 
+    bits = None if args.expert_bits is None else args.expert_bits if args.expert_bits == "auto" \
+        else int(args.expert_bits)
     summary = export_checkpoint(args.source, args.out, dtype=args.dtype, overwrite=args.overwrite,
-                                progress=sys.stderr.isatty())
+                                progress=sys.stderr.isatty(), expert_bits=bits, block_size=args.block_size,
+                                quality_budget=args.quality_budget, calibration=args.calibration)
     print(summary.describe())
+    if args.expert_bits == "auto":
+        from edgemoe.runtime.manifest import load_manifest
+
+        record = load_manifest(args.out).quantization
+        ppl = record["perplexity"]
+        print(f"{record['experts_at_low_bits']} experts at 4 bits, the others at 8; calibration perplexity "
+              f"int8 {ppl['int8']:.3f}, int4 {ppl['int4']:.3f}, chosen mix {ppl['mix']:.3f} "
+              f"(limit {record['perplexity_limit']:.3f})")
     if args.profile_text:
         from edgemoe.runtime.cli import _read_text
         from edgemoe.runtime.profiling import profile_bundle

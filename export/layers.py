@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from edgemoe.export.onnx_graph import GraphBuilder
+from edgemoe.export.onnx_graph import MS_DOMAIN, GraphBuilder
+from edgemoe.export.quantize import quantize
 
 
 def rms_norm(g: GraphBuilder, x: str, weight: np.ndarray, eps: float, scope: str) -> str:
@@ -35,6 +36,23 @@ def linear(g: GraphBuilder, x: str, weight: np.ndarray, scope: str, bias: np.nda
     if bias is not None:
         y = g.op("Add", [y, g.weight(f"{scope}.bias", bias)], scope)
     return y
+
+
+def quantized_linear(g: GraphBuilder, x: str, weight: np.ndarray, scope: str, bits: int,
+                     block_size: int, accuracy_level: int = 4) -> str:
+    """y = x @ W'.T with W' the blocked `bits`-bit quantization of `weight` [out, in], as one
+    MatMulNBits node.
+
+    accuracy_level 4 lets onnxruntime quantize x to int8 per block and use integer dot products,
+    which moves y by about 1 % of max|y|. Level 0 computes in float32 but hits a slow fallback
+    for 8 bits, and onnxruntime 1.22 runs 8-bit MatMulNBits only at level 4.
+    """
+    qw = quantize(weight, bits, block_size)
+    g.domains.add(MS_DOMAIN)
+    packed = g.raw_weight(f"{scope}.weight_packed", qw.packed)
+    scales = g.raw_weight(f"{scope}.weight_scales", qw.scales)
+    return g.op("MatMulNBits", [x, packed, scales], scope, domain=MS_DOMAIN, K=qw.k, N=qw.n, bits=bits,
+                block_size=block_size, accuracy_level=accuracy_level)
 
 
 def reshape(g: GraphBuilder, x: str, shape: list[int], scope: str) -> str:
@@ -117,3 +135,14 @@ def swiglu_expert(g: GraphBuilder, x: str, gate: np.ndarray, up: np.ndarray, dow
     silu = g.op("Mul", [gate_out, g.op("Sigmoid", [gate_out], scope)], scope)
     hidden = g.op("Mul", [silu, up_out], scope)                                          # [T, I]
     return linear(g, hidden, down, f"{scope}/down_proj")                                 # [T, H]
+
+
+def quantized_swiglu_expert(g: GraphBuilder, x: str, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
+                            scope: str, bits: int, block_size: int, accuracy_level: int = 4) -> str:
+    """swiglu_expert with its three projections quantized to `bits` (see quantized_linear)."""
+    level = accuracy_level
+    gate_out = quantized_linear(g, x, gate, f"{scope}/gate_proj", bits, block_size, level)  # [T, I]
+    up_out = quantized_linear(g, x, up, f"{scope}/up_proj", bits, block_size, level)        # [T, I]
+    silu = g.op("Mul", [gate_out, g.op("Sigmoid", [gate_out], scope)], scope)
+    hidden = g.op("Mul", [silu, up_out], scope)                                          # [T, I]
+    return quantized_linear(g, hidden, down, f"{scope}/down_proj", bits, block_size, level)  # [T, H]

@@ -19,7 +19,9 @@ IR_VERSION = 8
 ALIGNMENT = 4096
 
 _ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
-               np.dtype(np.int64): TensorProto.INT64}
+               np.dtype(np.int64): TensorProto.INT64, np.dtype(np.uint8): TensorProto.UINT8}
+# Operators outside the default domain that expert graphs may use (MatMulNBits).
+MS_DOMAIN = "com.microsoft"
 
 
 class GraphBuilder:
@@ -35,6 +37,8 @@ class GraphBuilder:
         self._shared: list[tuple[str, np.ndarray, str, int]] = []  # weights stored in another graph's file
         self._constants: list[onnx.TensorProto] = []
         self._count = 0
+        self.domains: set[str] = set()  # non-default operator domains used, each at version 1
+        self.metadata: dict[str, str] = {}  # model metadata_props, readable from an onnxruntime session
 
     # Graph interface
 
@@ -67,6 +71,11 @@ class GraphBuilder:
         if self.weight_dtype == np.float32 or not widen:
             return name
         return self.op("Cast", [name], scope=name, to=TensorProto.FLOAT)
+
+    def raw_weight(self, name: str, array: np.ndarray) -> str:
+        """Add a weight stored in its own dtype (packed integers, their float32 scales)."""
+        self._weights.append((name, np.ascontiguousarray(array)))
+        return name
 
     def shared_weight(self, name: str, array: np.ndarray, location: str, offset: int) -> str:
         """Reference a weight already written to another graph's data file (tied embeddings).
@@ -106,9 +115,10 @@ class GraphBuilder:
             initializers.append(_external_tensor(name, array, location, offset))
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs,
                                   initializer=initializers + self._constants)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                                  producer_name="edgemoe")
+        opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, 1) for d in sorted(self.domains)]
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="edgemoe")
         model.ir_version = IR_VERSION
+        helper.set_model_props(model, self.metadata)
         onnx.save_model(model, str(onnx_path))
         return onnx_path, data_path, offsets
 

@@ -7,6 +7,7 @@ interrupted export never leaves a half-written bundle under the requested name.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
@@ -18,6 +19,8 @@ from tqdm import tqdm
 
 from edgemoe.export.architectures import architecture_for
 from edgemoe.export.checkpoint import Checkpoint, CheckpointError
+from edgemoe.export.auto_bits import HIGH_BITS, LOW_BITS, choose_expert_bits
+from edgemoe.export.quantize import DEFAULT_BLOCK_SIZE, check_block_size
 from edgemoe.runtime.manifest import (FORMAT_VERSION, MANIFEST_NAME, ExpertEntry, FileEntry, Manifest,
                                       sha256_file)
 
@@ -27,6 +30,14 @@ DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16)}
 # Heap memory of one expert session beyond its weights: about 150 KB measured for the demo
 # model's experts (H=192, I=384) with onnxruntime 1.32 on x86_64, rounded up.
 SESSION_OVERHEAD_BYTES = 160 * 1024
+# --expert-bits values: 16 stores fp16 experts, 8 and 4 store blocked integer experts.
+EXPERT_BITS = (16, 8, 4)
+# Beyond its overhead, a quantized expert's session keeps a prepacked copy of the packed weights
+# and the mapped pages of the data file that prepacking touched. Measured RSS growth per
+# session with onnxruntime 1.32 on x86_64, block size 32: 1.41 x the data file for int4 and
+# 1.23 x for int8, on the demo shape (H=192, I=384) and on H=2048, I=1024; rounded up here.
+PREPACKED_FACTOR = {4: 1.5, 8: 1.3}
+DEFAULT_QUALITY_BUDGET = 0.02  # --expert-bits auto: calibration perplexity increase over int8
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
                    "special_tokens_map.json", "chat_template.jinja")
 
@@ -38,6 +49,7 @@ class ExportSummary:
     bundle: str
     architecture: str
     dtype: str
+    expert_dtype: str  # "fp32", "fp16", "int8" or "int4"
     layers: int
     moe_layers: int  # layers with routed experts; the others are dense MLP layers
     experts_per_layer: int  # routed experts of each MoE layer
@@ -52,18 +64,28 @@ class ExportSummary:
             shape = f"{self.layers} layers x {self.experts_per_layer} experts"
         else:
             shape = f"{self.layers} layers ({self.moe_layers} MoE x {self.experts_per_layer} experts)"
-        return (f"exported {self.architecture} ({self.dtype}) to {self.bundle}: {shape}; dense "
+        dtypes = self.dtype if self.expert_dtype == self.dtype else f"{self.dtype}, experts {self.expert_dtype}"
+        return (f"exported {self.architecture} ({dtypes}) to {self.bundle}: {shape}; dense "
                 f"{self.dense_bytes / mb:.1f} MB, experts {self.expert_bytes / mb:.1f} MB; {self.seconds:.1f} s")
 
 
 def export_checkpoint(source: str | Path, out: str | Path, dtype: str = "fp32",
-                      overwrite: bool = False, progress: bool = True) -> ExportSummary:
+                      overwrite: bool = False, progress: bool = True, expert_bits: int | str | None = None,
+                      block_size: int = DEFAULT_BLOCK_SIZE, quality_budget: float = DEFAULT_QUALITY_BUDGET,
+                      calibration: str | Path | None = None) -> ExportSummary:
     """Export a Hugging Face MoE checkpoint directory to an edgemoe bundle.
 
     Args:
         source: checkpoint directory (config.json, safetensors weights, tokenizer.json).
         out: bundle directory to create.
         dtype: storage precision of the weights, "fp32" or "fp16".
+        expert_bits: precision of the routed experts: None (same as `dtype`), 16 (fp16), 8 or 4
+            (blocked integers with one float32 scale per `block_size` inputs).
+            "auto" picks 8 or 4 bits per expert on the `calibration` text (see auto_bits).
+        block_size: values per quantization scale, a power of 2 from 16 to 256.
+        quality_budget: with "auto", the allowed calibration perplexity increase over uniform
+            int8, as a fraction (0.02 is 2 %).
+        calibration: with "auto", a UTF-8 text file to measure perplexity on.
         overwrite: replace an existing bundle at `out`.
         progress: show a progress bar on stderr.
 
@@ -75,6 +97,16 @@ def export_checkpoint(source: str | Path, out: str | Path, dtype: str = "fp32",
     started = time.perf_counter()
     if dtype not in DTYPES:
         raise ValueError(f"invalid dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if expert_bits is not None and expert_bits not in (*EXPERT_BITS, "auto"):
+        raise ValueError(f"invalid expert bits {expert_bits!r}; choose one of "
+                         f"{', '.join(map(str, EXPERT_BITS))} or auto")
+    check_block_size(block_size)
+    auto = None
+    if expert_bits == "auto":
+        auto = _auto_request(quality_budget, calibration)
+        expert_format = ExpertFormat("auto")
+    else:
+        expert_format = _expert_format(dtype, expert_bits, block_size)
     out = Path(out)
     _check_output(Path(source), out, overwrite)
     checkpoint = Checkpoint(source)
@@ -89,7 +121,8 @@ def export_checkpoint(source: str | Path, out: str | Path, dtype: str = "fp32",
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        manifest = _write_bundle(arch, checkpoint, partial, dtype, progress)
+        manifest = _write_bundle(arch, checkpoint, partial, dtype, expert_format, progress,
+                                 block_size=block_size, auto=auto)
         if out.exists():
             shutil.rmtree(out, ignore_errors=True)
         try:
@@ -106,13 +139,53 @@ def export_checkpoint(source: str | Path, out: str | Path, dtype: str = "fp32",
     cfg = manifest.config
     expert_files = {e.file for e in manifest.experts} | {e.data_file for e in manifest.experts}
     summary = ExportSummary(
-        bundle=str(out), architecture=arch.model_type, dtype=dtype, layers=cfg.num_hidden_layers,
+        bundle=str(out), architecture=arch.model_type, dtype=dtype, expert_dtype=expert_format.dtype,
+        layers=cfg.num_hidden_layers,
         moe_layers=sum(arch.config.moe_layers), experts_per_layer=cfg.num_experts,
         dense_bytes=manifest.dense_bytes,
         expert_bytes=sum(manifest.files[f].bytes for f in expert_files),
         seconds=time.perf_counter() - started)
     logger.info(summary.describe())
     return summary
+
+
+@dataclass
+class ExpertFormat:
+    """Storage format of the routed experts."""
+
+    dtype: str  # "fp32", "fp16", "int8", "int4", or "auto" (chosen per expert)
+    bits: int | None = None  # 8 or 4 for integer experts
+    block_size: int | None = None
+
+
+@dataclass
+class AutoRequest:
+    quality_budget: float
+    calibration: Path
+    text: str
+
+
+def _auto_request(quality_budget: float, calibration: str | Path | None) -> AutoRequest:
+    if calibration is None:
+        raise ValueError("--expert-bits auto needs a calibration text: pass --calibration FILE "
+                         "(UTF-8 text in the style of the model's use, a few thousand tokens)")
+    if not 0 < quality_budget <= 1:
+        raise ValueError(f"invalid quality budget {quality_budget * 100:g} %; choose a value above 0 % "
+                         "and at most 100 %, such as 2%")
+    path = Path(calibration)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the calibration text {path}: {exc}; pass a UTF-8 text file") from exc
+    return AutoRequest(quality_budget, path, text)
+
+
+def _expert_format(dtype: str, expert_bits: int | None, block_size: int) -> ExpertFormat:
+    if expert_bits is None:
+        return ExpertFormat(dtype)
+    if expert_bits == 16:
+        return ExpertFormat("fp16")
+    return ExpertFormat(f"int{expert_bits}", expert_bits, block_size)
 
 
 def _check_output(source: Path, out: Path, overwrite: bool) -> None:
@@ -132,18 +205,22 @@ def _check_output(source: Path, out: Path, overwrite: bool) -> None:
         raise FileExistsError(f"output directory {out} contains the checkpoint {source}; choose another path")
 
 
-def _write_bundle(arch, checkpoint: Checkpoint, bundle: Path, dtype: str, progress: bool) -> Manifest:
+def _write_bundle(arch, checkpoint: Checkpoint, bundle: Path, dtype: str, expert_format: ExpertFormat,
+                  progress: bool, block_size: int = DEFAULT_BLOCK_SIZE, auto: AutoRequest | None = None) -> Manifest:
     cfg = arch.config
     np_dtype = DTYPES[dtype]
     (bundle / "layers").mkdir()
     (bundle / "experts").mkdir()
-    total = 2 + cfg.num_hidden_layers + sum(cfg.moe_layers) * cfg.num_experts
+    # With auto, every expert is written at both candidate widths; the unchosen files are removed.
+    formats = ([ExpertFormat(f"int{bits}", bits, block_size) for bits in (HIGH_BITS, LOW_BITS)]
+               if auto else [expert_format])
+    candidates: dict[int | None, list[ExpertEntry]] = {fmt.bits: [] for fmt in formats}
+    total = 2 + cfg.num_hidden_layers + sum(cfg.moe_layers) * cfg.num_experts * len(formats)
     bar = tqdm(total=total, desc="export", unit="graph", disable=not progress)
 
     _, embed_data, offsets = arch.build_embed(np_dtype).save(bundle, "embed")
     bar.update()
     layer_paths = []
-    experts: list[ExpertEntry] = []
     for layer in range(cfg.num_hidden_layers):
         graph_path, _, _ = arch.build_layer(layer, np_dtype).save(bundle / "layers", f"layer_{layer:02d}")
         layer_paths.append(f"layers/{graph_path.name}")
@@ -151,18 +228,11 @@ def _write_bundle(arch, checkpoint: Checkpoint, bundle: Path, dtype: str, progre
         if not cfg.moe_layers[layer]:
             continue  # a dense layer's MLP is in its layer graph
         for index in range(cfg.num_experts):
-            stem = f"l{layer:02d}_e{index:03d}"
-            graph_path, data_path, _ = arch.build_expert(layer, index, np_dtype).save(bundle / "experts", stem)
-            stored = graph_path.stat().st_size + data_path.stat().st_size
-            # An fp16 expert's session holds a float32 copy of the weights (onnxruntime folds the
-            # Cast at creation); an fp32 expert's weights stay mapped from the file.
-            widen = 2 if dtype == "fp16" else 1
-            experts.append(ExpertEntry(
-                layer=layer, index=index, file=f"experts/{graph_path.name}",
-                data_file=f"experts/{data_path.name}", dtype=dtype, bytes=stored,
-                resident_bytes=(SESSION_OVERHEAD_BYTES + graph_path.stat().st_size
-                                + widen * data_path.stat().st_size)))
-            bar.update()
+            for fmt in formats:
+                suffix = f"_{fmt.dtype}" if auto else ""
+                candidates[fmt.bits].append(_write_expert(arch, bundle, layer, index, fmt, suffix))
+                bar.update()
+    experts = candidates[formats[0].bits]
     head_path, _, _ = arch.build_head(np_dtype, embed_data.name, offsets["embed_tokens.weight"]).save(bundle, "head")
     bar.update()
     bar.close()
@@ -178,10 +248,7 @@ def _write_bundle(arch, checkpoint: Checkpoint, bundle: Path, dtype: str, progre
         "generation_config": "generation_config.json" if (bundle / "generation_config.json").is_file() else None,
     }
 
-    files = {}
-    for path in sorted(p for p in bundle.rglob("*") if p.is_file()):
-        files[path.relative_to(bundle).as_posix()] = FileEntry(bytes=path.stat().st_size,
-                                                               sha256=sha256_file(path))
+    files = _file_entries(bundle)
     manifest = Manifest(
         format_version=FORMAT_VERSION, architecture=arch.model_type, dtype=dtype,
         config=cfg.runtime_config(),
@@ -190,4 +257,45 @@ def _write_bundle(arch, checkpoint: Checkpoint, bundle: Path, dtype: str, progre
         source={"checkpoint": str(checkpoint.directory.resolve()),
                 "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}})
     (bundle / MANIFEST_NAME).write_text(manifest.to_json())
+    if auto:
+        # The manifest lists both widths' files, so the calibration engine can load either.
+        choice = choose_expert_bits(bundle, candidates, auto.text, auto.quality_budget,
+                                    str(auto.calibration), progress=None)
+        chosen = {e.file for e in choice.entries} | {e.data_file for e in choice.entries}
+        for entry in (e for entries in candidates.values() for e in entries):
+            for name in (entry.file, entry.data_file):
+                if name not in chosen:
+                    (bundle / name).unlink(missing_ok=True)
+        manifest.experts = choice.entries
+        manifest.files = _file_entries(bundle)
+        manifest.quantization = choice.record
+        manifest.__post_init__()
+        (bundle / MANIFEST_NAME).write_text(manifest.to_json())
     return manifest
+
+
+def _file_entries(bundle: Path) -> dict[str, FileEntry]:
+    """Size and sha256 of every file of the bundle except the manifest."""
+    files = {}
+    for path in sorted(p for p in bundle.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+        files[path.relative_to(bundle).as_posix()] = FileEntry(bytes=path.stat().st_size, sha256=sha256_file(path))
+    return files
+
+
+def _write_expert(arch, bundle: Path, layer: int, index: int, fmt: ExpertFormat, suffix: str = "") -> ExpertEntry:
+    stem = f"l{layer:02d}_e{index:03d}{suffix}"
+    np_dtype = DTYPES.get(fmt.dtype, DTYPES["fp32"])
+    graph = arch.build_expert(layer, index, np_dtype, bits=fmt.bits, block_size=fmt.block_size)
+    graph_path, data_path, _ = graph.save(bundle / "experts", stem)
+    graph_bytes, data_bytes = graph_path.stat().st_size, data_path.stat().st_size
+    # An fp16 expert's session keeps a float32 copy of the weights (onnxruntime folds the Cast at
+    # creation), and an fp32 expert's weights stay mapped from the file. An integer expert's
+    # session keeps a prepacked copy (PREPACKED_FACTOR).
+    if fmt.bits is not None:
+        held = math.ceil(PREPACKED_FACTOR[fmt.bits] * data_bytes)
+    else:
+        held = (2 if fmt.dtype == "fp16" else 1) * data_bytes
+    return ExpertEntry(layer=layer, index=index, file=f"experts/{graph_path.name}",
+                       data_file=f"experts/{data_path.name}", dtype=fmt.dtype, bytes=graph_bytes + data_bytes,
+                       resident_bytes=SESSION_OVERHEAD_BYTES + graph_bytes + held,
+                       bits=fmt.bits, block_size=fmt.block_size)

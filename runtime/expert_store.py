@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgemoe.runtime.eviction import EvictionPolicy, ExpertKey, LRUPolicy
-from edgemoe.runtime.manifest import BundleError, Manifest, verify_file
+from edgemoe.runtime.manifest import BundleError, Manifest, check_expert_format, verify_file
 from edgemoe.runtime.sessions import expert_session
 
 logger = logging.getLogger(__name__)
@@ -321,11 +321,12 @@ class ExpertStore:
                 if name not in self._verified:
                     verify_file(self.bundle_dir, self.manifest, name)
                     self._verified.add(name)
+        path = self.bundle_dir / entry.file
         try:
-            session = expert_session(str(self.bundle_dir / entry.file))
+            session = expert_session(str(path), prepack=entry.quantized)
         except Exception as exc:  # onnxruntime raises several exception types for bad files
-            raise BundleError(f"failed to load expert {index} of layer {layer} from "
-                              f"{self.bundle_dir / entry.file}: {exc}") from exc
+            raise BundleError(f"failed to load expert {index} of layer {layer} from {path}: {exc}") from exc
+        check_expert_format(path, entry, session.get_modelmeta().custom_metadata_map)
         logger.debug("loaded expert %d of layer %d (%d bytes)", index, layer, entry.bytes)
         return session
 

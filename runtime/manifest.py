@@ -19,6 +19,9 @@ from edgemoe.runtime.routing import ROUTING_METHODS
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# Metadata keys of an expert graph, which the runtime checks against its manifest entry.
+EXPERT_DTYPE_KEY = "edgemoe.expert_dtype"
+EXPERT_BLOCK_SIZE_KEY = "edgemoe.block_size"
 
 
 class BundleError(Exception):
@@ -60,9 +63,17 @@ class ExpertEntry:
     index: int
     file: str  # ONNX graph, relative to the bundle
     data_file: str  # external weights of that graph, relative to the bundle
-    dtype: str  # storage precision of the weights: "fp32" or "fp16"
+    dtype: str  # storage precision of the weights: "fp32", "fp16", "int8" or "int4"
     bytes: int  # bytes read from storage to load the expert (graph + weights)
-    resident_bytes: int  # bytes a loaded session holds (mapped weights, or widened copies)
+    resident_bytes: int  # memory of a loaded session: mapped weights, widened or prepacked copies
+    bits: int | None = None  # 8 or 4 for quantized experts; None for float experts
+    block_size: int | None = None  # values per quantization scale along the input axis
+    # With --expert-bits auto: calibration perplexity increase when only this expert is at 4 bits.
+    importance: float | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits is not None
 
 
 @dataclass
@@ -83,6 +94,8 @@ class Manifest:
     tokenizer: dict[str, str | None]  # tokenizer, tokenizer_config, generation_config paths
     routing_profile: dict[str, Any] | None = None
     source: dict[str, Any] = field(default_factory=dict)
+    # With --expert-bits auto: budget, calibration text and the measured perplexities.
+    quantization: dict[str, Any] | None = None
 
     def __post_init__(self):
         # Not a dataclass field, so to_json leaves it out.
@@ -172,6 +185,7 @@ def load_manifest(bundle_dir: str | os.PathLike) -> Manifest:
             tokenizer=raw["tokenizer"],
             routing_profile=raw.get("routing_profile"),
             source=raw.get("source", {}),
+            quantization=raw.get("quantization"),
         )
     except (KeyError, TypeError) as exc:
         raise BundleError(f"invalid {path}: missing or unexpected field {exc}") from exc
@@ -219,3 +233,24 @@ def verify_file(bundle_dir: str | os.PathLike, manifest: Manifest, name: str) ->
     if actual != entry.sha256:
         raise BundleError(f"bundle file {path} is corrupt: sha256 {actual} does not match the "
                           f"manifest's {entry.sha256}; re-export or copy the bundle again")
+
+
+def check_expert_format(path: str | os.PathLike, entry: ExpertEntry, metadata: dict[str, str]) -> None:
+    """Check that an expert graph's metadata states the precision its manifest entry claims.
+
+    Graphs written before the metadata existed carry none; they are accepted when the entry is
+    a float expert, as such bundles had only float experts.
+
+    Raises:
+        BundleError: naming the file, the stored and the expected format.
+    """
+    stored_dtype = metadata.get(EXPERT_DTYPE_KEY)
+    if stored_dtype is None and not entry.quantized:
+        return
+    expected_block = str(entry.block_size) if entry.quantized else ""
+    stored_block = metadata.get(EXPERT_BLOCK_SIZE_KEY, "")
+    if stored_dtype != entry.dtype or stored_block != expected_block:
+        stored = f"{stored_dtype or 'no recorded format'}" + (f", block size {stored_block}" if stored_block else "")
+        expected = entry.dtype + (f", block size {expected_block}" if expected_block else "")
+        raise BundleError(f"expert graph {path} stores {stored} but {MANIFEST_NAME} lists {expected} for "
+                          f"expert {entry.index} of layer {entry.layer}; re-export the bundle")

@@ -246,7 +246,9 @@ def test_budget_held_while_preloading(demo_bundle, reference, budget):
     # The checks count in-flight experts: without them the sums above could not be trusted.
     assert checker.checks_with_inflight > 0
     assert checker.inflight_bytes_seen > 0
-    assert store.stats.preloads > 0
+    # At the minimum budget every preload may be dropped (no room without evicting experts the
+    # last token used), so the I/O thread's attempts are counted, loaded or dropped.
+    assert store.stats.preloads + store.stats.preloads_dropped > 0
     assert store.stats.peak_resident_bytes <= limit
     assert tokens[:GREEDY_TOKENS] == reference[0]
 

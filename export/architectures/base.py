@@ -20,9 +20,9 @@ from onnx import TensorProto
 
 from edgemoe.export.checkpoint import Checkpoint, CheckpointError
 from edgemoe.export.layers import (apply_rope, causal_attention, linear, reshape, rms_norm,
-                                   rope_tables, swiglu_expert)
+                                   quantized_swiglu_expert, rope_tables, swiglu_expert)
 from edgemoe.export.onnx_graph import GraphBuilder
-from edgemoe.runtime.manifest import ModelConfig
+from edgemoe.runtime.manifest import EXPERT_BLOCK_SIZE_KEY, EXPERT_DTYPE_KEY, ModelConfig
 
 
 class UnsupportedConfigError(Exception):
@@ -381,13 +381,25 @@ class Architecture:
         gate, up, down = (self.tensor(role, layer) for role in ("mlp_gate", "mlp_up", "mlp_down"))
         return swiglu_expert(g, x, gate, up, down, f"/layers.{layer}/mlp")              # [T, H]
 
-    def build_expert(self, layer: int, expert: int, dtype: np.dtype) -> GraphBuilder:
-        """x [T, H] -> y [T, H] for one expert, unweighted (the runtime applies routing weights)."""
+    def build_expert(self, layer: int, expert: int, dtype: np.dtype, bits: int | None = None,
+                     block_size: int | None = None) -> GraphBuilder:
+        """x [T, H] -> y [T, H] for one expert, unweighted (the runtime applies routing weights).
+
+        With `bits` (8 or 4) the projections are quantized per block of `block_size` inputs and
+        `dtype` is unused.
+        """
         cfg = self.config
         g = GraphBuilder(f"expert_{layer}_{expert}", dtype)
         x = g.input("x", TensorProto.FLOAT, ["T", cfg.hidden_size])
         gate, up, down = self.expert_weights(layer, expert)
-        y = swiglu_expert(g, x, gate, up, down, f"/layers.{layer}/experts.{expert}")
+        scope = f"/layers.{layer}/experts.{expert}"
+        if bits is None:
+            y = swiglu_expert(g, x, gate, up, down, scope)
+        else:
+            y = quantized_swiglu_expert(g, x, gate, up, down, scope, bits, block_size)
+        # The runtime compares these with the manifest entry when it loads the expert.
+        g.metadata = {EXPERT_DTYPE_KEY: f"int{bits}" if bits else np.dtype(dtype).name.replace("float", "fp"),
+                      EXPERT_BLOCK_SIZE_KEY: str(block_size) if bits else ""}
         g.output(y, "y", TensorProto.FLOAT, ["T", cfg.hidden_size])
         return g
 
