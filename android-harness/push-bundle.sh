@@ -47,7 +47,7 @@ adb push "$BUNDLE" "$REMOTE"
 
 cat <<EOF
 push-bundle: done. In Termux, run once: termux-setup-storage   (and allow access to files)
-then copy the bundle into the Termux home and remove the shared copy:
-  cp -r ~/storage/downloads/$NAME ~/edgemoe-bundle && rm -rf ~/storage/downloads/$NAME
+then copy the bundle into the Termux home (replacing an older one) and remove the shared copy:
+  rm -rf ~/edgemoe-bundle && cp -r ~/storage/downloads/$NAME ~/edgemoe-bundle && rm -rf ~/storage/downloads/$NAME
   edgemoe generate ~/edgemoe-bundle --prompt "Once upon a time"
 EOF

@@ -42,12 +42,22 @@ if [[ ! -e $SOURCE ]]; then
     fail "edgemoe source not found at $SOURCE; pass a checkout or a wheel file as the first argument"
 fi
 
+pkg_install() {
+    if ! pkg install -y "$@"; then
+        fail "pkg could not install $*; run 'pkg update' and try again, pick another mirror with \
+termux-change-repo if it keeps failing, and use Termux from F-Droid or GitHub (the Play Store build \
+is outdated)"
+    fi
+}
+
 say "installing Python, numpy, onnxruntime and pydantic-core with pkg"
-pkg install -y python python-pip python-numpy python-onnxruntime python-pydantic-core
+pkg_install python python-pip python-numpy python-onnxruntime python-pydantic-core
 
 say "installing tokenizers from the Termux User Repository (tur-repo)"
-pkg install -y tur-repo
-pkg install -y python-tokenizers
+pkg_install tur-repo
+# The repository added by tur-repo is only searched after its package list is fetched.
+pkg update -y || true
+pkg_install python-tokenizers
 
 declare -A pinned
 for name in "${PKG_PROVIDED[@]}"; do
@@ -65,7 +75,10 @@ for name in "${PKG_PROVIDED[@]}"; do
 done
 
 say "installing the pure-Python dependencies with pip: ${PIP_PACKAGES[*]}"
-if ! python3 -m pip install --only-binary=:all: --upgrade-strategy only-if-needed \
+# MarkupSafe (needed by jinja2) publishes no wheel that Termux's Python can use; its source
+# distribution falls back to pure Python when no C compiler is present.
+# NOTE: not verified on a phone; if it fails, pkg install clang and run this script again.
+if ! python3 -m pip install --only-binary=:all: --no-binary=markupsafe --upgrade-strategy only-if-needed \
         -c "$constraints" "${PIP_PACKAGES[@]}"; then
     fail "pip could not install the pure-Python dependencies with pydantic-core ${pinned[pydantic-core]}; \
 if no pydantic release requires that version, update Termux packages (pkg upgrade) and run this script again"

@@ -218,3 +218,21 @@ def test_second_run_succeeds(tmp_path):
                                              "HOME": str(tmp_path / "home"), "TMPDIR": str(tmp_path),
                                              "TERMUX_VERSION": "0.118.1"})
     assert second.returncode == 0, second.stderr
+
+
+def test_pkg_failure_explains_next_step(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    site = tmp_path / "site"
+    make_fake_site(site)
+    log = tmp_path / "calls.jsonl"
+    make_stubs(bin_dir, site, log)
+    write_executable(bin_dir / "pkg", "#!/bin/sh\necho 'E: Unable to locate package' >&2\nexit 100\n")
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path),
+           "TERMUX_VERSION": "0.118.1"}
+
+    result = subprocess.run(["bash", str(SCRIPT), str(REPO_ROOT)], env=env, capture_output=True,
+                            text=True, timeout=60)
+
+    assert result.returncode != 0
+    assert "pkg update" in result.stderr + result.stdout
