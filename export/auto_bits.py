@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from edgemoe.export.quantize import HIGH_BITS, LOW_BITS
 from edgemoe.runtime.engine import Engine, EngineOptions
 from edgemoe.runtime.evaluate import evaluate
 from edgemoe.runtime.manifest import ExpertEntry
@@ -28,7 +29,6 @@ from edgemoe.runtime.tokenizer import BundleTokenizer
 
 logger = logging.getLogger(__name__)
 
-HIGH_BITS, LOW_BITS = 8, 4
 CALIBRATION_WINDOW = 256
 
 

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# The two widths `--expert-bits auto` chooses between.
+HIGH_BITS, LOW_BITS = 8, 4
+
 EXPERT_BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits requires a power of 2 of at least 16
 DEFAULT_BLOCK_SIZE = 32

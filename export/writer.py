@@ -19,8 +19,7 @@ from tqdm import tqdm
 
 from edgemoe.export.architectures import architecture_for
 from edgemoe.export.checkpoint import Checkpoint, CheckpointError
-from edgemoe.export.auto_bits import HIGH_BITS, LOW_BITS, choose_expert_bits
-from edgemoe.export.quantize import DEFAULT_BLOCK_SIZE, check_block_size
+from edgemoe.export.quantize import DEFAULT_BLOCK_SIZE, HIGH_BITS, LOW_BITS, check_block_size
 from edgemoe.runtime.manifest import (FORMAT_VERSION, MANIFEST_NAME, ExpertEntry, FileEntry, Manifest,
                                       sha256_file)
 
@@ -258,6 +257,10 @@ def _write_bundle(arch, checkpoint: Checkpoint, bundle: Path, dtype: str, expert
                 "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}})
     (bundle / MANIFEST_NAME).write_text(manifest.to_json())
     if auto:
+        # Imported here: it runs the model, and onnxruntime must not be needed just to export
+        # (the Docker build exports under QEMU, where importing onnxruntime crashes).
+        from edgemoe.export.auto_bits import choose_expert_bits
+
         # The manifest lists both widths' files, so the calibration engine can load either.
         choice = choose_expert_bits(bundle, candidates, auto.text, auto.quality_budget,
                                     str(auto.calibration), progress=None)

@@ -310,3 +310,14 @@ def test_cli_rejects_block_size_48(run_cli, tmp_path):
 
     assert result.returncode == 2
     assert "invalid choice: 48" in result.stderr
+
+
+def test_export_does_not_import_onnxruntime():
+    # The Docker image exports the demo model during an emulated build, where importing
+    # onnxruntime crashes, so a plain export must not need it.
+    code = ("import sys; from edgemoe.export.writer import export_checkpoint; "
+            "print('onnxruntime' in sys.modules)")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "False"
