@@ -69,3 +69,20 @@ write_fake_cpu_dir() {
     echo 0-1 > "$1/possible"
     echo 0-1 > "$1/present"
 }
+
+# Progress and failure lines, prefixed with the calling script's LOG_PREFIX.
+step_started=$SECONDS
+step() {
+    local now=$SECONDS
+    if [[ -n ${step_name:-} ]]; then
+        echo "${LOG_PREFIX}: ${step_name} took $((now - step_started)) s"
+    fi
+    step_name=$1
+    step_started=$now
+    echo "${LOG_PREFIX}: ${step_name}"
+}
+
+fail() {
+    echo "${LOG_PREFIX}: FAILED: $*" >&2
+    exit 1
+}

@@ -19,24 +19,9 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${EDGEMOE_ARM64_CACHE:-/var/cache/edgemoe-arm64}
 PORT=${EDGEMOE_ARM64_PORT:-18765}
 PROMPT="Once upon a time"
+LOG_PREFIX=test-arm64
 # shellcheck source=lib-arm64.sh
 source "$REPO/android-harness/lib-arm64.sh"
-
-step_started=$SECONDS
-step() {
-    local now=$SECONDS
-    if [[ -n ${step_name:-} ]]; then
-        echo "test-arm64: ${step_name} took $((now - step_started)) s"
-    fi
-    step_name=$1
-    step_started=$now
-    echo "test-arm64: ${step_name}"
-}
-
-fail() {
-    echo "test-arm64: FAILED: $*" >&2
-    exit 1
-}
 
 if [[ $(id -u) -ne 0 ]]; then
     fail "must run as root (debootstrap, chroot and mount need it)"

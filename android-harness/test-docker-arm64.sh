@@ -20,24 +20,9 @@ PORT=${EDGEMOE_DOCKER_PORT:-18767}
 BASE_IMAGE=local/debian-arm64
 IMAGE=local/edgemoe:arm64-test
 PROMPT="Once upon a time"
+LOG_PREFIX=test-docker-arm64
 # shellcheck source=lib-arm64.sh
 source "$REPO/android-harness/lib-arm64.sh"
-
-step_started=$SECONDS
-step() {
-    local now=$SECONDS
-    if [[ -n ${step_name:-} ]]; then
-        echo "test-docker-arm64: ${step_name} took $((now - step_started)) s"
-    fi
-    step_name=$1
-    step_started=$now
-    echo "test-docker-arm64: ${step_name}"
-}
-
-fail() {
-    echo "test-docker-arm64: FAILED: $*" >&2
-    exit 1
-}
 
 if [[ $(id -u) -ne 0 ]]; then
     fail "must run as root (dockerd, debootstrap and mount need it)"

@@ -43,7 +43,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config
 
 @dataclass
 class ExportSummary:
-    """What an export wrote."""
+    """Summary of one export: sizes, layout and duration."""
 
     bundle: str
     architecture: str

@@ -237,7 +237,7 @@ class Engine:
         return predictions
 
     def _worth_preloading(self, layer: int) -> bool:
-        """Whether the active predictor has predicted `layer` well enough so far.
+        """Return whether the active predictor has predicted `layer` well enough so far.
 
         Below `preload_min_recall`, most preloads are wrong: each one reads an expert from storage
         and may evict a useful one, which costs more than it saves when reads are slow.

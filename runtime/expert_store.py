@@ -145,7 +145,7 @@ class ExpertStore:
         return key in self._resident
 
     def is_available(self, key: ExpertKey) -> bool:
-        """Whether the expert is resident or being loaded."""
+        """Return whether the expert is resident or being loaded."""
         return key in self._resident or key in self._inflight
 
     def begin_layer(self, layer: int, needed: set[ExpertKey]) -> None:

@@ -30,7 +30,7 @@ class LoadedModel:
 
 
 def resolve_bundle(path: str | Path | None) -> Path:
-    """The given bundle directory, or the built-in demo bundle when `path` is None."""
+    """Return the given bundle directory, or the built-in demo bundle when `path` is None."""
     if path is None:
         from edgemoe.runtime.demo import demo_bundle
         return demo_bundle()

@@ -90,7 +90,12 @@ async def _complete(request: Request, body, prompt_ids: list[int], chat: bool, e
 
     def chunk(text: str | None, finish_reason: str | None, first: bool = False) -> str:
         if chat:
-            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+            if first:
+                delta = {"role": "assistant", "content": ""}
+            elif text:
+                delta = {"content": text}
+            else:
+                delta = {}
             choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
         else:
             choice = {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}

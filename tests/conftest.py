@@ -169,3 +169,12 @@ def run_cli(isolated_cache_dir):
                               text=True, env=child_env, cwd=cwd, timeout=CLI_TIMEOUT_SECONDS)
 
     return run
+
+
+def flip_byte(path, offset: int) -> None:
+    """Invert one byte in place, keeping the file size."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))

@@ -22,7 +22,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import checkpoint_dir
+from conftest import checkpoint_dir, flip_byte
 from edgemoe.export.architectures import UnsupportedConfigError
 from edgemoe.export.checkpoint import Checkpoint, CheckpointError
 from edgemoe.export.writer import export_checkpoint
@@ -36,15 +36,6 @@ from edgemoe.runtime.tokenizer import BundleTokenizer
 
 MISSING_EXPERT_TENSOR = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
 PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play"
-
-
-def flip_byte(path, offset: int) -> None:
-    """Invert one byte in place, keeping the file size."""
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
 
 
 @pytest.fixture

@@ -38,6 +38,8 @@ from typing import Callable
 import numpy as np
 import pytest
 
+from conftest import flip_byte
+
 from edgemoe.runtime import expert_store as expert_store_module
 from edgemoe.runtime.engine import Engine, EngineOptions
 from edgemoe.runtime.eviction import POLICIES
@@ -448,15 +450,6 @@ def test_raising_preload_keeps_io_thread(tiny_bundle):
     assert alive
     assert watcher.outcomes[1] == ((0, 2), True)
     assert store.is_resident((0, 2))
-
-
-def flip_byte(path, offset: int) -> None:
-    """Invert one byte in place, keeping the file size."""
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
 
 
 def acquired_experts(generator: Generator, prompt: str) -> tuple[set[tuple[int, int]], list[int]]:
