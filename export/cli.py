@@ -12,18 +12,19 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("out", help="bundle directory to create")
     parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
                         help="storage precision of the weights (default fp32)")
-    parser.add_argument("--expert-bits", choices=["16", "8", "4", "auto"], default=None,
-                        help="precision of the routed experts: 16 stores fp16, 8 and 4 store integers with "
-                             "one float32 scale per block, auto picks 8 or 4 per expert on --calibration "
-                             "text (default: the --dtype precision)")
+    parser.add_argument("--expert-bits", choices=["16", "8", "4", "2", "auto"], default=None,
+                        help="precision of the routed experts: 16 stores fp16, 8, 4 and 2 store integers with "
+                             "one float32 scale per block (2 also with a zero point), auto picks a width per "
+                             "expert on the calibration text (default: the --dtype precision)")
     parser.add_argument("--quality-budget", type=_percentage, default="2%", metavar="PERCENT",
                         help="with --expert-bits auto: allowed calibration perplexity increase over "
-                             "all-int8 experts, such as 2%% (default 2%%)")
+                             "all-fp16 experts, such as 2%% (default 2%%)")
     parser.add_argument("--calibration", metavar="FILE", default=None,
-                        help="with --expert-bits auto: UTF-8 text to measure perplexity on (required)")
+                        help="with --expert-bits auto: UTF-8 text to measure perplexity on, in the style of "
+                             "the model's use (default: built-in stories sampled from the demo model)")
     parser.add_argument("--block-size", type=int, choices=[16, 32, 64, 128, 256], default=32,
                         help="weights per quantization scale, along each expert projection's input axis, "
-                             "for --expert-bits 8 and 4 (default 32)")
+                             "for --expert-bits 8, 4 and 2 (default 32)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle at OUT")
     parser.add_argument("--profile-text", metavar="FILE", default=None,
                         help="after exporting, record the routing profile on this UTF-8 calibration text "
@@ -84,9 +85,10 @@ def run_export(args) -> int:
 
         record = load_manifest(args.out).quantization
         ppl = record["perplexity"]
-        print(f"{record['experts_at_low_bits']} experts at 4 bits, the others at 8; calibration perplexity "
-              f"int8 {ppl['int8']:.3f}, int4 {ppl['int4']:.3f}, chosen mix {ppl['mix']:.3f} "
-              f"(limit {record['perplexity_limit']:.3f})")
+        uniform = ", ".join(f"{name} {value:.3f}" for name, value in ppl.items() if name != "mix")
+        low, high = (f"int{b}" if b != 16 else "fp16" for b in (record["low_bits"], record["high_bits"]))
+        print(f"{record['experts_at_low_bits']} experts at {low}, the others at {high}; calibration perplexity "
+              f"{uniform}, chosen mix {ppl['mix']:.3f} (limit {record['perplexity_limit']:.3f})")
     if args.profile_text:
         from edgemoe.runtime.cli import _read_text
         from edgemoe.runtime.profiling import profile_bundle

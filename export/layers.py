@@ -10,7 +10,7 @@ Shape legend (batch is always 1 on the device, so it is dropped):
 from __future__ import annotations
 
 import numpy as np
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from edgemoe.export.onnx_graph import MS_DOMAIN, GraphBuilder
 from edgemoe.export.quantize import quantize
@@ -51,8 +51,61 @@ def quantized_linear(g: GraphBuilder, x: str, weight: np.ndarray, scope: str, bi
     g.domains.add(MS_DOMAIN)
     packed = g.raw_weight(f"{scope}.weight_packed", qw.packed)
     scales = g.raw_weight(f"{scope}.weight_scales", qw.scales)
-    return g.op("MatMulNBits", [x, packed, scales], scope, domain=MS_DOMAIN, K=qw.k, N=qw.n, bits=bits,
+    inputs = [x, packed, scales]
+    if qw.zero_points is not None:
+        inputs.append(g.raw_weight(f"{scope}.weight_zero_points", qw.zero_points))
+    return g.op("MatMulNBits", inputs, scope, domain=MS_DOMAIN, K=qw.k, N=qw.n, bits=bits,
                 block_size=block_size, accuracy_level=accuracy_level)
+
+
+def widened_copy(g: GraphBuilder) -> GraphBuilder:
+    """A copy of graph `g` in which every 2-bit MatMulNBits runs as a 4-bit one.
+
+    The copy has the same weights in the same order, so it can point into `g`'s data file. Its
+    B and zero-point inputs are computed from the 2-bit ones by integer ops whose inputs are all
+    initializers: onnxruntime's constant folding runs them once when the session is created, and
+    the 4-bit kernel then prepacks the result. The file keeps 2-bit bytes and the kernel
+    multiplies by the same values (edgemoe.export.quantize.widen_2bit is the numpy reference).
+    For onnxruntime versions without a 2-bit kernel.
+    """
+    w = GraphBuilder(g.name, g.weight_dtype)
+    w.inputs, w.outputs = list(g.inputs), list(g.outputs)
+    w._weights, w._shared, w._constants = list(g._weights), list(g._shared), list(g._constants)
+    w.domains, w.metadata, w._count = set(g.domains), dict(g.metadata), g._count
+    for node in g.nodes:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type != "MatMulNBits" or attrs.get("bits") != 2:
+            w.nodes.append(node)
+            continue
+        x, packed, scales, zero_points = node.input
+        n, block_size = attrs["N"], attrs["block_size"]
+        blocks = -(-attrs["K"] // block_size)
+        scope = f"/w{len(w.nodes)}"  # short names: the graph file is read with every expert load
+        b4 = _repack_2bit_as_4bit(w, packed, n * blocks, block_size // 4, f"{scope}/widen_b")
+        b4 = reshape(w, b4, [n, blocks, block_size // 2], scope)
+        z4 = _repack_2bit_as_4bit(w, zero_points, n, -(-blocks // 4), f"{scope}/widen_z")
+        z4 = w.op("Slice", [z4, w.const(f"{scope}/widen_z/start", np.array([0], np.int64)),
+                            w.const(f"{scope}/widen_z/end", np.array([-(-blocks // 2)], np.int64)),
+                            w.const(f"{scope}/widen_z/axis", np.array([1], np.int64))], scope)
+        z4 = reshape(w, z4, [-1], scope)
+        w.nodes.append(helper.make_node("MatMulNBits", [x, b4, scales, z4], list(node.output), name=node.name,
+                                        domain=node.domain, **{**attrs, "bits": 4}))
+    return w
+
+
+def _repack_2bit_as_4bit(g: GraphBuilder, packed: str, rows: int, columns: int, scope: str) -> str:
+    """uint8 [rows * columns] of 2-bit values, four per byte -> uint8 [rows, 2 * columns], two per byte."""
+    def u8(name: str, value) -> str:
+        return g.const(f"{scope}/{name}", np.array(value, np.uint8))
+
+    grouped = reshape(g, packed, [rows, columns, 1], scope)
+    values = g.op("BitShift", [grouped, u8("shifts", [0, 2, 4, 6])], scope, direction="RIGHT")
+    values = g.op("BitwiseAnd", [values, u8("mask", 3)], scope)                       # [R, C, 4]
+    pairs = reshape(g, values, [rows, 2 * columns, 2], scope)
+    halves = g.const(f"{scope}/halves", np.array([1, 1], np.int64))
+    low, high = g.op("Split", [pairs, halves], scope, num_outputs=2, axis=2)
+    high = g.op("BitShift", [high, u8("four", 4)], scope, direction="LEFT")
+    return reshape(g, g.op("BitwiseOr", [low, high], scope), [rows, 2 * columns], scope)
 
 
 def reshape(g: GraphBuilder, x: str, shape: list[int], scope: str) -> str:

@@ -17,6 +17,10 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 18
 IR_VERSION = 8
 ALIGNMENT = 4096
+# Packed integer weights are copied into prepacked buffers when the session is created, never
+# mapped, so they only need cache-line alignment. Page alignment would pad every scale and
+# zero-point array to 4 KiB: a third of a small 2-bit expert's file.
+RAW_ALIGNMENT = 64
 
 _ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
                np.dtype(np.int64): TensorProto.INT64, np.dtype(np.uint8): TensorProto.UINT8}
@@ -33,7 +37,7 @@ class GraphBuilder:
         self.nodes: list[onnx.NodeProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
-        self._weights: list[tuple[str, np.ndarray]] = []
+        self._weights: list[tuple[str, np.ndarray, int]] = []  # name, array, alignment
         self._shared: list[tuple[str, np.ndarray, str, int]] = []  # weights stored in another graph's file
         self._constants: list[onnx.TensorProto] = []
         self._count = 0
@@ -67,14 +71,14 @@ class GraphBuilder:
         initializer (onnxruntime folds it into a float32 copy when the session is created).
         """
         stored = np.ascontiguousarray(array, dtype=self.weight_dtype)
-        self._weights.append((name, stored))
+        self._weights.append((name, stored, ALIGNMENT))
         if self.weight_dtype == np.float32 or not widen:
             return name
         return self.op("Cast", [name], scope=name, to=TensorProto.FLOAT)
 
     def raw_weight(self, name: str, array: np.ndarray) -> str:
         """Add a weight stored in its own dtype (packed integers, their float32 scales)."""
-        self._weights.append((name, np.ascontiguousarray(array)))
+        self._weights.append((name, np.ascontiguousarray(array), RAW_ALIGNMENT))
         return name
 
     def shared_weight(self, name: str, array: np.ndarray, location: str, offset: int) -> str:
@@ -95,22 +99,30 @@ class GraphBuilder:
 
     # Writing
 
-    def save(self, directory: Path, stem: str) -> tuple[Path, Path, dict[str, int]]:
+    def save(self, directory: Path, stem: str, data_stem: str | None = None) -> tuple[Path, Path, dict[str, int]]:
         """Write `stem.onnx` and `stem.bin` under `directory`.
+
+        With `data_stem`, only the graph is written, and its weights point into the existing
+        `data_stem.bin`: the one a graph with the same weights in the same order wrote.
 
         Returns:
             The graph path, the data path, and each weight's offset in the data file.
         """
         onnx_path = directory / f"{stem}.onnx"
-        data_path = directory / f"{stem}.bin"
-        initializers, offsets = [], {}
-        with open(data_path, "wb") as data:
-            for name, array in self._weights:
-                pad = (-data.tell()) % ALIGNMENT
-                data.write(b"\0" * pad)
-                offsets[name] = data.tell()
-                data.write(array.tobytes())
+        data_path = directory / f"{data_stem or stem}.bin"
+        initializers, offsets, position = [], {}, 0
+        with open(data_path, "rb" if data_stem else "wb") as data:
+            for name, array, alignment in self._weights:
+                pad = (-position) % alignment
+                if not data_stem:
+                    data.write(b"\0" * pad)
+                offsets[name] = position + pad
+                position = offsets[name] + array.nbytes
+                if not data_stem:
+                    data.write(array.tobytes())
                 initializers.append(_external_tensor(name, array, data_path.name, offsets[name]))
+        if data_stem and position != data_path.stat().st_size:
+            raise ValueError(f"the weights of {stem} do not match the layout of {data_path}")
         for name, array, location, offset in self._shared:
             initializers.append(_external_tensor(name, array, location, offset))
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs,

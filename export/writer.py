@@ -19,7 +19,9 @@ from tqdm import tqdm
 
 from edgemoe.export.architectures import architecture_for
 from edgemoe.export.checkpoint import Checkpoint, CheckpointError
-from edgemoe.export.quantize import DEFAULT_BLOCK_SIZE, HIGH_BITS, LOW_BITS, check_block_size
+from edgemoe.export.layers import widened_copy
+from edgemoe.export.quantize import AUTO_CANDIDATE_BITS, DEFAULT_BLOCK_SIZE, check_block_size
+from edgemoe.runtime.demo import DEMO_CALIBRATION
 from edgemoe.runtime.manifest import (FORMAT_VERSION, MANIFEST_NAME, ExpertEntry, FileEntry, Manifest,
                                       sha256_file)
 
@@ -29,14 +31,19 @@ DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16)}
 # Heap memory of one expert session beyond its weights: about 150 KB measured for the demo
 # model's experts (H=192, I=384) with onnxruntime 1.32 on x86_64, rounded up.
 SESSION_OVERHEAD_BYTES = 160 * 1024
-# --expert-bits values: 16 stores fp16 experts, 8 and 4 store blocked integer experts.
-EXPERT_BITS = (16, 8, 4)
+# --expert-bits values: 16 stores fp16 experts, 8, 4 and 2 store blocked integer experts.
+EXPERT_BITS = (16, 8, 4, 2)
 # Beyond its overhead, a quantized expert's session keeps a prepacked copy of the packed weights
-# and the mapped pages of the data file that prepacking touched. Measured RSS growth per
-# session with onnxruntime 1.32 on x86_64, block size 32: 1.41 x the data file for int4 and
-# 1.23 x for int8, on the demo shape (H=192, I=384) and on H=2048, I=1024; rounded up here.
-PREPACKED_FACTOR = {4: 1.5, 8: 1.3}
-DEFAULT_QUALITY_BUDGET = 0.02  # --expert-bits auto: calibration perplexity increase over int8
+# and the pages of the data file that prepacking read. Measured RSS growth per session over the
+# data file, block size 32, onnxruntime 1.32 (1.22.1) on x86_64, demo shape (H=192, I=384) and
+# H=2048, I=1024: int8 1.27 (1.18) and 1.23; int4 1.50 (1.34) and 1.47 (1.46); int2 2.31 and
+# 1.66. Rounded up here.
+PREPACKED_FACTOR = {8: 1.4, 4: 1.6, 2: 2.4}
+# A 2-bit expert widened to 4 bits at load (onnxruntime without a 2-bit kernel) also holds the
+# 4-bit values: 5.21 x (demo shape) and 6.08 x (H=2048, I=1024) the data file with onnxruntime
+# 1.22.1, 4.36 x and 3.55 x with 1.32. Rounded up from the largest.
+WIDENED_2BIT_FACTOR = 6.2
+DEFAULT_QUALITY_BUDGET = 0.02  # --expert-bits auto: calibration perplexity increase over fp16
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
                    "special_tokens_map.json", "chat_template.jinja")
 
@@ -78,13 +85,15 @@ def export_checkpoint(source: str | Path, out: str | Path, dtype: str = "fp32",
         source: checkpoint directory (config.json, safetensors weights, tokenizer.json).
         out: bundle directory to create.
         dtype: storage precision of the weights, "fp32" or "fp16".
-        expert_bits: precision of the routed experts: None (same as `dtype`), 16 (fp16), 8 or 4
-            (blocked integers with one float32 scale per `block_size` inputs).
-            "auto" picks 8 or 4 bits per expert on the `calibration` text (see auto_bits).
+        expert_bits: precision of the routed experts: None (same as `dtype`), 16 (fp16), 8, 4 or 2
+            (blocked integers with one float32 scale per `block_size` inputs, and for 2 bits an
+            integer zero point per block).
+            "auto" picks fp16, 8, 4 or 2 bits per expert on the `calibration` text (see auto_bits).
         block_size: values per quantization scale, a power of 2 from 16 to 256.
         quality_budget: with "auto", the allowed calibration perplexity increase over uniform
-            int8, as a fraction (0.02 is 2 %).
-        calibration: with "auto", a UTF-8 text file to measure perplexity on.
+            fp16, as a fraction (0.02 is 2 %).
+        calibration: with "auto", a UTF-8 text file to measure perplexity on (default: the
+            built-in text sampled from the demo model).
         overwrite: replace an existing bundle at `out`.
         progress: show a progress bar on stderr.
 
@@ -166,8 +175,9 @@ class AutoRequest:
 
 def _auto_request(quality_budget: float, calibration: str | Path | None) -> AutoRequest:
     if calibration is None:
-        raise ValueError("--expert-bits auto needs a calibration text: pass --calibration FILE "
-                         "(UTF-8 text in the style of the model's use, a few thousand tokens)")
+        calibration = DEMO_CALIBRATION
+        logger.info("calibrating on the built-in text %s (children's stories in English); pass "
+                    "--calibration FILE with text in the style of the model's use", calibration)
     if not 0 < quality_budget <= 1:
         raise ValueError(f"invalid quality budget {quality_budget * 100:g} %; choose a value above 0 % "
                          "and at most 100 %, such as 2%")
@@ -210,10 +220,10 @@ def _write_bundle(arch, checkpoint: Checkpoint, bundle: Path, dtype: str, expert
     np_dtype = DTYPES[dtype]
     (bundle / "layers").mkdir()
     (bundle / "experts").mkdir()
-    # With auto, every expert is written at both candidate widths; the unchosen files are removed.
-    formats = ([ExpertFormat(f"int{bits}", bits, block_size) for bits in (HIGH_BITS, LOW_BITS)]
+    # With auto, every expert is written at every candidate width; the unchosen files are removed.
+    formats = ([_expert_format(dtype, bits, block_size) for bits in AUTO_CANDIDATE_BITS]
                if auto else [expert_format])
-    candidates: dict[int | None, list[ExpertEntry]] = {fmt.bits: [] for fmt in formats}
+    candidates: dict[int | None, list[ExpertEntry]] = {fmt.bits or 16: [] for fmt in formats}
     total = 2 + cfg.num_hidden_layers + sum(cfg.moe_layers) * cfg.num_experts * len(formats)
     bar = tqdm(total=total, desc="export", unit="graph", disable=not progress)
 
@@ -229,9 +239,9 @@ def _write_bundle(arch, checkpoint: Checkpoint, bundle: Path, dtype: str, expert
         for index in range(cfg.num_experts):
             for fmt in formats:
                 suffix = f"_{fmt.dtype}" if auto else ""
-                candidates[fmt.bits].append(_write_expert(arch, bundle, layer, index, fmt, suffix))
+                candidates[fmt.bits or 16].append(_write_expert(arch, bundle, layer, index, fmt, suffix))
                 bar.update()
-    experts = candidates[formats[0].bits]
+    experts = candidates[formats[0].bits or 16]
     head_path, _, _ = arch.build_head(np_dtype, embed_data.name, offsets["embed_tokens.weight"]).save(bundle, "head")
     bar.update()
     bar.close()
@@ -263,11 +273,11 @@ def _write_bundle(arch, checkpoint: Checkpoint, bundle: Path, dtype: str, expert
 
         # The manifest lists both widths' files, so the calibration engine can load either.
         choice = choose_expert_bits(bundle, candidates, auto.text, auto.quality_budget,
-                                    str(auto.calibration), progress=None)
-        chosen = {e.file for e in choice.entries} | {e.data_file for e in choice.entries}
+                                    str(auto.calibration), progress=progress)
+        chosen = {name for e in choice.entries for name in (e.file, e.data_file, e.widened_file) if name}
         for entry in (e for entries in candidates.values() for e in entries):
-            for name in (entry.file, entry.data_file):
-                if name not in chosen:
+            for name in (entry.file, entry.data_file, entry.widened_file):
+                if name and name not in chosen:
                     (bundle / name).unlink(missing_ok=True)
         manifest.experts = choice.entries
         manifest.files = _file_entries(bundle)
@@ -298,7 +308,14 @@ def _write_expert(arch, bundle: Path, layer: int, index: int, fmt: ExpertFormat,
         held = math.ceil(PREPACKED_FACTOR[fmt.bits] * data_bytes)
     else:
         held = (2 if fmt.dtype == "fp16" else 1) * data_bytes
-    return ExpertEntry(layer=layer, index=index, file=f"experts/{graph_path.name}",
-                       data_file=f"experts/{data_path.name}", dtype=fmt.dtype, bytes=graph_bytes + data_bytes,
-                       resident_bytes=SESSION_OVERHEAD_BYTES + graph_bytes + held,
-                       bits=fmt.bits, block_size=fmt.block_size)
+    entry = ExpertEntry(layer=layer, index=index, file=f"experts/{graph_path.name}",
+                        data_file=f"experts/{data_path.name}", dtype=fmt.dtype, bytes=graph_bytes + data_bytes,
+                        resident_bytes=SESSION_OVERHEAD_BYTES + graph_bytes + held,
+                        bits=fmt.bits, block_size=fmt.block_size)
+    if fmt.bits == 2:
+        widened_path, _, _ = widened_copy(graph).save(bundle / "experts", f"{stem}_w4", data_stem=stem)
+        widened_graph_bytes = widened_path.stat().st_size
+        entry.widened_file = f"experts/{widened_path.name}"
+        entry.widened_resident_bytes = (SESSION_OVERHEAD_BYTES + widened_graph_bytes
+                                        + math.ceil(WIDENED_2BIT_FACTOR * data_bytes))
+    return entry

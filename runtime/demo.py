@@ -19,6 +19,9 @@ from edgemoe.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME
 logger = logging.getLogger(__name__)
 
 DEMO_CHECKPOINT = Path(__file__).parent / "demo" / "tinystories-moe-8x"
+# Stories sampled from the demo model (scripts/make_demo_calibration.py): the default
+# calibration text of `edgemoe export --expert-bits auto`.
+DEMO_CALIBRATION = Path(__file__).parent / "demo" / "calibration.txt"
 
 
 def cache_dir() -> Path:

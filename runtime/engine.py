@@ -14,6 +14,7 @@ import numpy as np
 from edgemoe.runtime.eviction import make_policy
 from edgemoe.runtime.expert_store import ExpertStore
 from edgemoe.runtime.kv_cache import KVCache
+from edgemoe.runtime.kernels import adapt_experts
 from edgemoe.runtime.manifest import BundleError, Manifest, load_manifest, verify_file
 from edgemoe.runtime.predictors import (PREDICTORS, CombinedPredictor, RecallMeter, TablePredictor, make_predictor,
                                         top_experts)
@@ -43,6 +44,7 @@ class EngineOptions:
     measure_recall: bool = True  # score every predictor against the actual routing
     preload_min_recall: float = 0.5  # skip preloading a layer whose predictions have been worse
     use_profile: bool = True  # start from the bundle's routing profile (else from empty statistics)
+    widen_2bit: bool | None = None  # 2-bit experts: None widens them only without a 2-bit kernel
 
 
 class Engine:
@@ -61,6 +63,8 @@ class Engine:
         self.bundle_dir = Path(bundle_dir)
         self.options = options or EngineOptions()
         self.manifest: Manifest = load_manifest(self.bundle_dir)
+        self.manifest.experts = adapt_experts(self.bundle_dir, self.manifest.experts, self.options.widen_2bit)
+        self.manifest.__post_init__()
         self.config = self.manifest.config
         threads = self.options.threads or default_threads()
 

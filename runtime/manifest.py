@@ -63,13 +63,18 @@ class ExpertEntry:
     index: int
     file: str  # ONNX graph, relative to the bundle
     data_file: str  # external weights of that graph, relative to the bundle
-    dtype: str  # storage precision of the weights: "fp32", "fp16", "int8" or "int4"
+    dtype: str  # storage precision of the weights: "fp32", "fp16", "int8", "int4" or "int2"
     bytes: int  # bytes read from storage to load the expert (graph + weights)
     resident_bytes: int  # memory of a loaded session: mapped weights, widened or prepacked copies
-    bits: int | None = None  # 8 or 4 for quantized experts; None for float experts
+    bits: int | None = None  # 8, 4 or 2 for quantized experts; None for float experts
     block_size: int | None = None  # values per quantization scale along the input axis
-    # With --expert-bits auto: calibration perplexity increase when only this expert is at 4 bits.
+    # With --expert-bits auto: calibration perplexity increase when only this expert is at the
+    # lower of the two widths chosen between.
     importance: float | None = None
+    # 2-bit experts: a graph over the same data file that widens the weights to 4 bits when the
+    # session is created, for onnxruntime versions without a 2-bit kernel, and what that holds.
+    widened_file: str | None = None
+    widened_resident_bytes: int | None = None
 
     @property
     def quantized(self) -> bool:
@@ -124,7 +129,7 @@ class Manifest:
     def dense_bytes(self) -> int:
         """Bytes of every graph and weight file outside the expert list: embedding, attention,
         routers, norms, LM head, shared experts and the MLPs of dense layers."""
-        expert_files = {e.file for e in self.experts} | {e.data_file for e in self.experts}
+        expert_files = {name for e in self.experts for name in (e.file, e.data_file, e.widened_file) if name}
         return sum(f.bytes for name, f in self.files.items()
                    if name not in expert_files and name.endswith((".onnx", ".bin")))
 

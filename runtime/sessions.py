@@ -35,13 +35,16 @@ def dense_session(path: str, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(path, _base_options(threads), providers=["CPUExecutionProvider"])
 
 
-def expert_session(path: str, threads: int = 1, prepack: bool = False) -> ort.InferenceSession:
+def expert_session(path: str, threads: int = 1, prepack: bool = False, quiet: bool = False) -> ort.InferenceSession:
     """Session for one expert, mapping its weights from storage unless `prepack`.
 
     Integer experts need `prepack`: MatMulNBits without its prepacked weights took 20-27 ms per
-    token instead of 0.2 ms for an H=2048, I=1408 expert (onnxruntime 1.32, x86_64).
+    token instead of 0.2 ms for an H=2048, I=1408 expert (onnxruntime 1.32, x86_64). `quiet`
+    keeps onnxruntime from printing an error when creating the session fails.
     """
     options = _base_options(threads)
+    if quiet:
+        options.log_severity_level = 4
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])

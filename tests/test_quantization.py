@@ -1,4 +1,5 @@
-"""Integer experts (`--expert-bits 8` and `4`): packing, graphs, bundles and their checks.
+"""Integer experts (`--expert-bits 8` and `4`, and `auto`): packing, graphs, bundles and their
+checks. The 2-bit format has its own file, test_two_bit.py.
 
 Invariants checked:
 - quantize + dequantize equals a per-block numpy reference of symmetric rounding exactly, and
@@ -10,8 +11,10 @@ Invariants checked:
 - An int4 demo bundle's expert data files are at most 1/6 of the fp32 ones. 4 bits per weight
   plus a float32 scale per 32 weights is 5 bits, 1/6.4 of 32. Its perplexity is within 1 % of
   fp32's.
-- `--expert-bits auto` puts the least important experts at 4 bits, keeps the calibration
-  perplexity within the budget and records its measurements in the manifest.
+- `--expert-bits auto` puts the least important experts at the lower of the two widths whose
+  uniform perplexities bracket the limit, keeps the calibration perplexity within the budget
+  and records its measurements in the manifest. Without --calibration it uses the built-in
+  text, which shares no paragraph with the evaluation corpus.
 - The integer accounting is at least the RSS growth of loading every expert.
 - A manifest entry whose width differs from its expert graph fails at load with the file name.
 """
@@ -33,9 +36,10 @@ from conftest import DEMO, checkpoint_dir
 from edgemoe.export.layers import quantized_swiglu_expert
 from edgemoe.export.onnx_graph import GraphBuilder
 from edgemoe.export.quantize import dequantize, quantize, unpack
-from edgemoe.export.writer import export_checkpoint
+from edgemoe.export.writer import _auto_request, export_checkpoint
 from edgemoe.runtime.engine import Engine
 from edgemoe.runtime.evaluate import evaluate
+from edgemoe.runtime.demo import DEMO_CALIBRATION
 from edgemoe.runtime.expert_store import ExpertStore
 from edgemoe.runtime.manifest import MANIFEST_NAME, BundleError, load_manifest, sha256_file
 from edgemoe.runtime.sessions import expert_session
@@ -140,7 +144,7 @@ def test_expert_session_matches_numpy_dequantized(tmp_path, bits, block_size):
 def int_bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("int-bundles")
     bundles = {}
-    for bits in (8, 4):
+    for bits in (8, 4, 2):
         bundles[bits] = root / f"demo-int{bits}"
         export_checkpoint(checkpoint_dir(DEMO), bundles[bits], expert_bits=bits, progress=False)
     return bundles
@@ -209,7 +213,9 @@ def test_width_mismatch_fails_at_expert_load(int_bundles, tmp_path):
 RSS_SCRIPT = """
 import sys
 import numpy as np
+from edgemoe.runtime.demo import DEMO_CALIBRATION
 from edgemoe.runtime.expert_store import ExpertStore
+from edgemoe.runtime.kernels import adapt_experts
 from edgemoe.runtime.manifest import load_manifest
 
 def rss():
@@ -218,6 +224,8 @@ def rss():
 
 bundle = sys.argv[1]
 manifest = load_manifest(bundle)
+manifest.experts = adapt_experts(bundle, manifest.experts)  # 2-bit experts widened without a kernel
+manifest.__post_init__()
 store = ExpertStore(bundle, manifest, manifest.expert_bytes, verify=False)
 x = np.zeros((1, manifest.config.hidden_size), np.float32)
 entries = manifest.experts
@@ -231,7 +239,7 @@ print(rss() - before, sum(e.resident_bytes for e in entries[1:]))
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads RSS from /proc/self/statm (Linux)")
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 def test_int_expert_rss_within_accounting(int_bundles, bits):
     result = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(int_bundles[bits])],
                             capture_output=True, text=True, timeout=120, check=True)
@@ -249,7 +257,8 @@ def auto_bundle(tmp_path_factory, corpus_path):
     calibration = root / "calibration.txt"
     calibration.write_text(corpus_path.read_text(encoding="utf-8")[:1500], encoding="utf-8")
     out = root / "demo-auto"
-    # 0.2 % lies between uniform int8 and int4 on this text, so the search lowers some experts only.
+    # 0.2 % lies between two adjacent uniform widths on this text, so the search lowers some
+    # experts only (test_auto_records_perplexities_within_budget checks that it does).
     export_checkpoint(checkpoint_dir(DEMO), out, expert_bits="auto", quality_budget=0.002,
                       calibration=calibration, progress=False)
     return out
@@ -258,9 +267,10 @@ def auto_bundle(tmp_path_factory, corpus_path):
 def test_auto_lowers_least_important_experts(auto_bundle):
     manifest = load_manifest(auto_bundle)
     record = manifest.quantization
-    low = [e for e in manifest.experts if e.bits == 4]
-    high = [e for e in manifest.experts if e.bits == 8]
+    low = [e for e in manifest.experts if (e.bits or 16) == record["low_bits"]]
+    high = [e for e in manifest.experts if (e.bits or 16) == record["high_bits"]]
 
+    assert record["high_bits"] > record["low_bits"]
     assert len(low) + len(high) == len(manifest.experts) == 48
     assert all(e.importance is not None for e in manifest.experts)
     assert record["experts_at_low_bits"] == len(low)
@@ -271,16 +281,20 @@ def test_auto_lowers_least_important_experts(auto_bundle):
 def test_auto_records_perplexities_within_budget(auto_bundle):
     record = load_manifest(auto_bundle).quantization
     perplexity = record["perplexity"]
+    name = {16: "fp16", 8: "int8", 4: "int4", 2: "int2"}
 
     assert record["quality_budget"] == 0.002
-    assert perplexity["int4"] > perplexity["int8"] * 1.002, "the budget must fall between the uniform widths"
+    assert set(perplexity) == {"fp16", "int8", "int4", "int2", "mix"}
+    assert record["perplexity_limit"] == pytest.approx(perplexity["fp16"] * 1.002)
+    # The chosen widths bracket the limit and are adjacent candidates.
+    assert perplexity[name[record["high_bits"]]] <= record["perplexity_limit"] < perplexity[name[record["low_bits"]]]
+    assert record["candidate_bits"].index(record["low_bits"]) == record["candidate_bits"].index(record["high_bits"]) + 1
     assert perplexity["mix"] <= record["perplexity_limit"]
-    assert record["perplexity_limit"] == pytest.approx(perplexity["int8"] * 1.002)
 
 
 def test_auto_bundle_keeps_only_chosen_files(auto_bundle):
     manifest = load_manifest(auto_bundle)
-    listed = {e.file for e in manifest.experts} | {e.data_file for e in manifest.experts}
+    listed = {name for e in manifest.experts for name in (e.file, e.data_file, e.widened_file) if name}
     on_disk = {f"experts/{p.name}" for p in (auto_bundle / "experts").iterdir()}
 
     assert on_disk == listed
@@ -289,10 +303,15 @@ def test_auto_bundle_keeps_only_chosen_files(auto_bundle):
     assert np.all(np.isfinite(logits))
 
 
-def test_auto_without_calibration_names_flag(tmp_path):
-    with pytest.raises(ValueError, match="--expert-bits auto needs a calibration text: pass --calibration FILE"):
-        export_checkpoint(checkpoint_dir(DEMO), tmp_path / "out", expert_bits="auto", progress=False)
-    assert not (tmp_path / "out").exists()
+def test_auto_defaults_to_built_in_calibration_text(corpus_path):
+    request = _auto_request(0.02, None)
+    eval_text = corpus_path.read_text(encoding="utf-8")
+    long_paragraphs = [p for p in request.text.split("\n\n") if len(p) > 60]
+
+    assert request.calibration == DEMO_CALIBRATION
+    assert len(request.text) > 10_000
+    assert len(long_paragraphs) > 20
+    assert not [p for p in long_paragraphs if p in eval_text], "calibration text overlaps the eval corpus"
 
 
 def test_cli_export_int4_with_block_size(run_cli, tmp_path):

@@ -385,8 +385,8 @@ class Architecture:
                      block_size: int | None = None) -> GraphBuilder:
         """x [T, H] -> y [T, H] for one expert, unweighted (the runtime applies routing weights).
 
-        With `bits` (8 or 4) the projections are quantized per block of `block_size` inputs and
-        `dtype` is unused.
+        With `bits` (8, 4 or 2) the projections are quantized per block of `block_size` inputs
+        and `dtype` is unused.
         """
         cfg = self.config
         g = GraphBuilder(f"expert_{layer}_{expert}", dtype)
