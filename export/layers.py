@@ -1,4 +1,4 @@
-"""ONNX makers for the pieces MoE decoders share: RMSNorm, linear, RoPE, GQA attention, SwiGLU.
+"""ONNX makers for the pieces MoE decoders share: RMSNorm, LayerNorm, linear, RoPE, GQA attention, SwiGLU.
 
 Shape legend (batch is always 1 on the device, so it is dropped):
     T  tokens in this call          P  tokens already in the KV cache      S = P + T
@@ -28,6 +28,12 @@ def rms_norm(g: GraphBuilder, x: str, weight: np.ndarray, eps: float, scope: str
     var = g.op("Add", [mean, g.const(f"{scope}/eps", np.array(eps, np.float32))], scope)
     normed = g.op("Div", [x, g.op("Sqrt", [var], scope)], scope)
     return g.op("Mul", [normed, g.weight(f"{scope}.weight", weight)], scope)
+
+
+def layer_norm(g: GraphBuilder, x: str, weight: np.ndarray, bias: np.ndarray, eps: float, scope: str) -> str:
+    """LayerNorm over the last axis with a weight and a bias (the standard LayerNormalization op)."""
+    return g.op("LayerNormalization", [x, g.weight(f"{scope}.weight", weight), g.weight(f"{scope}.bias", bias)],
+                scope, axis=-1, epsilon=eps)
 
 
 def linear(g: GraphBuilder, x: str, weight: np.ndarray, scope: str, bias: np.ndarray | None = None) -> str:
@@ -121,6 +127,22 @@ def rope_tables(g: GraphBuilder, position_ids: str, head_dim: int, theta: float,
                                             inv_freq.astype(np.float32)[None, :])], scope)  # [T, D/2]
     emb = g.op("Concat", [freqs, freqs], scope, axis=-1)                                 # [T, D]
     return g.op("Cos", [emb], scope), g.op("Sin", [emb], scope)
+
+
+def scaled_rope_tables(g: GraphBuilder, position_ids: str, inv_freq: np.ndarray, mscale: float,
+                       scope: str) -> tuple[str, str]:
+    """cos and sin [T, D] of a RoPE with given inverse frequencies [D/2], both times `mscale`
+    (a scaled RoPE such as LongRoPE)."""
+    positions = g.op("Cast", [position_ids], scope, to=TensorProto.FLOAT)                  # [T]
+    positions = g.op("Unsqueeze", [positions, g.const(f"{scope}/axis1", np.array([1], np.int64))], scope)
+    freqs = g.op("Mul", [positions, g.const(f"{scope}/inv_freq",
+                                            inv_freq.astype(np.float32)[None, :])], scope)  # [T, D/2]
+    emb = g.op("Concat", [freqs, freqs], scope, axis=-1)                                 # [T, D]
+    cos, sin = g.op("Cos", [emb], scope), g.op("Sin", [emb], scope)
+    if mscale == 1.0:
+        return cos, sin
+    factor = g.const(f"{scope}/mscale", np.array(mscale, np.float32))
+    return g.op("Mul", [cos, factor], scope), g.op("Mul", [sin, factor], scope)
 
 
 def apply_rope(g: GraphBuilder, x: str, cos: str, sin: str, head_dim: int, scope: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,7 @@ class Engine:
         self.layer_outputs = [self._check_layer_outputs(layer, session)
                               for layer, session in enumerate(self.layers)]
         self.head = dense_session(str(self.bundle_dir / dense[-1]), threads)
-        self.route = ROUTING_METHODS[self.config.routing]
+        self.route = partial(ROUTING_METHODS[self.config.routing], **self.config.routing_params)
         self.moe_layers = [layer for layer in range(self.config.num_hidden_layers) if self.config.is_moe_layer(layer)]
 
         budget = self.manifest.expert_bytes if self.options.budget_bytes is None else self.options.budget_bytes

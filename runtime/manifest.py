@@ -8,6 +8,7 @@ every file with its size and sha256, so a truncated or altered file is detected 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from collections import defaultdict
@@ -49,6 +50,8 @@ class ModelConfig:
     # (bundles written before dense layers were supported) means every layer is an MoE layer.
     moe_layers: list[bool] | None = None
     routing: str = "softmax_topk"  # a key of edgemoe.runtime.routing.ROUTING_METHODS
+    # Keyword arguments of the routing method beyond the logits, such as sparsemixer's jitter_eps.
+    routing_params: dict[str, float] = field(default_factory=dict)
     residual_multiplier: float = 1.0  # factor on the MLP block's output before the residual add
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -213,6 +216,12 @@ def _check_experts(path: Path, manifest: Manifest) -> None:
     if cfg.routing not in ROUTING_METHODS:
         raise BundleError(f"invalid {path}: routing {cfg.routing!r} is not one of "
                           f"{', '.join(ROUTING_METHODS)}; update edgemoe or re-export the checkpoint")
+    # Every method takes router_logits, top_k and normalize first.
+    accepted = list(inspect.signature(ROUTING_METHODS[cfg.routing]).parameters)[3:]
+    unknown = sorted(set(cfg.routing_params) - set(accepted))
+    if unknown:
+        raise BundleError(f"invalid {path}: routing_params {', '.join(unknown)} are not parameters of routing "
+                          f"{cfg.routing!r}, which takes {', '.join(accepted) or 'none'}; re-export the checkpoint")
     if cfg.moe_layers is not None and len(cfg.moe_layers) != cfg.num_hidden_layers:
         raise BundleError(f"invalid {path}: moe_layers has {len(cfg.moe_layers)} entries, expected "
                           f"{cfg.num_hidden_layers} (num_hidden_layers)")

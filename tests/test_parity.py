@@ -5,7 +5,7 @@ Invariants checked:
   the transformers reference at every prompt position. Their 32 greedy tokens (KV cache, EOS
   ignored) equal the reference. Both hold with all experts resident and with a 25 % budget.
 - fp16 bundles give logits within FP16_TOLERANCE and greedy tokens equal to the reference
-  (a prefix for tiny-mixtral, see FP16_GREEDY_PREFIX).
+  (a prefix for tiny-mixtral and tiny-phimoe, see FP16_GREEDY_PREFIX).
 - An fp16 bundle computes exactly what an fp32 bundle of the fp16-rounded checkpoint computes.
 - `evaluate` on the demo model over the whole corpus at window 256 matches the recorded mean
   NLL to 1e-4 relative, with the same number of windows and predicted tokens.
@@ -41,16 +41,20 @@ FP32_TOLERANCE = 1e-4
 # the last one. transformers with the weights rounded to float16 moves the logits by the same
 # 0.141 and picks the same experts, so 0.3 (a margin of 2.1x) covers rounding, not a bug. The demo
 # checkpoint is stored in float16, so its fp16 export rounds nothing and keeps the fp32 tolerance.
+# tiny-phimoe measures 0.045, the same as transformers with the weights rounded to float16.
 FP16_TOLERANCE = {"tiny-mixtral": 0.1, "tiny-qwen3-moe": 0.1, "tiny-olmoe": 0.1, "tiny-qwen2-moe": 0.3,
-                  "tiny-granitemoe": 0.1, DEMO: FP32_TOLERANCE}
+                  "tiny-granitemoe": 0.1, "tiny-phimoe": 0.1, DEMO: FP32_TOLERANCE}
 
 # Greedy tokens of the fp16 bundles that must equal the reference. In tiny-mixtral, the token
 # before greedy step 18 has a near-tie in layer 0's router. Its third and fourth router logits
 # are 1.1871 and 1.1847 (gap 0.0024), and fp16 rounding moves router logits by up to 0.0039.
 # The third expert switches from 1 to 4, the logits jump by 1.36 and the greedy tokens diverge
-# from step 18 on. The other models match all 32 steps.
+# from step 18 on. In tiny-phimoe, the top two logits of greedy step 4 differ by 0.0078 while fp16
+# rounding moves the logits by about 0.03. transformers with the weights rounded to float16 also
+# picks token 765 instead of 1477 there, so only the first 4 steps are compared. The other models
+# match all 32 steps.
 FP16_GREEDY_PREFIX = {"tiny-mixtral": 18, "tiny-qwen3-moe": 32, "tiny-olmoe": 32, "tiny-qwen2-moe": 32,
-                      "tiny-granitemoe": 32, DEMO: 32}
+                      "tiny-granitemoe": 32, "tiny-phimoe": 4, DEMO: 32}
 
 
 def prompt_logits_and_greedy(engine: Engine, prompt_ids: list[int], steps: int) -> tuple[np.ndarray, list[int]]:

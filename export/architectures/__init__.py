@@ -6,12 +6,13 @@ from edgemoe.export.architectures.base import Architecture, ArchConfig, Unsuppor
 from edgemoe.export.architectures.granitemoe import GraniteMoe
 from edgemoe.export.architectures.mixtral import Mixtral
 from edgemoe.export.architectures.olmoe import Olmoe
+from edgemoe.export.architectures.phimoe import Phimoe
 from edgemoe.export.architectures.qwen2_moe import Qwen2Moe
 from edgemoe.export.architectures.qwen3_moe import Qwen3Moe
 from edgemoe.export.checkpoint import Checkpoint
 
 REGISTRY: dict[str, type[Architecture]] = {
-    cls.model_type: cls for cls in (Mixtral, Qwen2Moe, Qwen3Moe, Olmoe, GraniteMoe)}
+    cls.model_type: cls for cls in (Mixtral, Qwen2Moe, Qwen3Moe, Olmoe, GraniteMoe, Phimoe)}
 
 
 def architecture_for(checkpoint: Checkpoint) -> Architecture:

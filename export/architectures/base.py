@@ -61,6 +61,8 @@ class ArchConfig:
     residual_multiplier: float = 1.0  # factor on the attention and MLP outputs before each residual add
     logits_scaling: float = 1.0  # the logits are divided by it
     routing: str = "softmax_topk"  # see edgemoe.runtime.routing.ROUTING_METHODS
+    routing_params: dict = field(default_factory=dict)  # keyword arguments of the routing method
+    lm_head_bias: bool = False
     extra: dict = field(default_factory=dict)
 
     def runtime_config(self) -> ModelConfig:
@@ -72,6 +74,7 @@ class ArchConfig:
             vocab_size=self.vocab_size, max_position_embeddings=self.max_position_embeddings,
             bos_token_id=self.bos_token_id, eos_token_ids=self.eos_token_ids,
             pad_token_id=self.pad_token_id, moe_layers=list(self.moe_layers), routing=self.routing,
+            routing_params=dict(self.routing_params),
             residual_multiplier=self.residual_multiplier)
 
 
@@ -103,6 +106,7 @@ class Architecture:
         "embed": "model.embed_tokens.weight",
         "final_norm": "model.norm.weight",
         "lm_head": "lm_head.weight",
+        "lm_head_bias": "lm_head.bias",
         "input_norm": "model.layers.{layer}.input_layernorm.weight",
         "post_attention_norm": "model.layers.{layer}.post_attention_layernorm.weight",
         "q_proj": "model.layers.{layer}.self_attn.q_proj.weight",
@@ -166,7 +170,7 @@ class Architecture:
                 expert_intermediate_size=intermediate,
                 norm_topk_prob=bool(config.get("norm_topk_prob", False)),
                 rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-                rope_theta=_rope_theta(config, self.default_rope_theta),
+                rope_theta=self.rope_theta(config),
                 vocab_size=int(config["vocab_size"]),
                 max_position_embeddings=context,
                 tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
@@ -195,6 +199,10 @@ class Architecture:
             raise UnsupportedConfigError(f"hidden_act {config['hidden_act']!r} is not supported; only silu")
         return arch
 
+    def rope_theta(self, config: dict) -> float:
+        """Return the RoPE base. A family that supports a scaled RoPE overrides this to accept its rope_type."""
+        return _rope_theta(config, self.default_rope_theta)
+
     # Weights
 
     def tensor(self, role: str, layer: int | None = None, expert: int | None = None) -> np.ndarray:
@@ -216,6 +224,7 @@ class Architecture:
     def required_names(self) -> list[str]:
         cfg = self.config
         roles = ["embed", "final_norm"] + ([] if cfg.tie_word_embeddings else ["lm_head"])
+        roles += ["lm_head_bias"] if cfg.lm_head_bias else []
         names = [self.names[r] for r in roles]
         for layer in range(cfg.num_hidden_layers):
             names += [self.names[r].format(layer=layer) for r in self.layer_roles(layer)]
@@ -263,13 +272,16 @@ class Architecture:
         cfg = self.config
         g = GraphBuilder("head", dtype)
         hidden = g.input("hidden", TensorProto.FLOAT, ["T", cfg.hidden_size])
-        normed = rms_norm(g, hidden, self.tensor("final_norm"), cfg.rms_norm_eps, "/norm")
+        normed = self.norm(g, hidden, "final_norm", None, "/norm")
         if cfg.tie_word_embeddings:
             # Gemm with transB reads the [V, H] embedding table in place: no second copy on storage.
             table = g.shared_weight("embed_tokens.weight", self.tensor("embed"), embed_location, embed_offset)
         else:
             table = g.weight("lm_head.weight", self.tensor("lm_head"))
-        logits = g.op("Gemm", [normed, table], "/lm_head", transB=1)
+        inputs = [normed, table]
+        if cfg.lm_head_bias:
+            inputs.append(g.weight("lm_head.bias", self.tensor("lm_head_bias")))
+        logits = g.op("Gemm", inputs, "/lm_head", transB=1)
         if cfg.logits_scaling != 1.0:
             scaling = g.const("/lm_head/logits_scaling", np.array(cfg.logits_scaling, np.float32))
             logits = g.op("Div", [logits, scaling], "/lm_head")
@@ -297,7 +309,7 @@ class Architecture:
         past_k = g.input("past_key", TensorProto.FLOAT, kv_shape)
         past_v = g.input("past_value", TensorProto.FLOAT, kv_shape)
 
-        x = rms_norm(g, hidden, self.tensor("input_norm", layer), cfg.rms_norm_eps, f"{s}/input_layernorm")
+        x = self.norm(g, hidden, "input_norm", layer, f"{s}/input_layernorm")
         attn = self.attention(g, x, position_ids, past_k, past_v, layer)
         attn_out = attn[0]
         if cfg.residual_multiplier != 1.0:
@@ -305,8 +317,7 @@ class Architecture:
             attn_out = g.op("Mul", [attn_out, multiplier], s)
         residual = g.op("Add", [hidden, attn_out], s)
 
-        mlp_input = rms_norm(g, residual, self.tensor("post_attention_norm", layer), cfg.rms_norm_eps,
-                             f"{s}/post_attention_layernorm")
+        mlp_input = self.norm(g, residual, "post_attention_norm", layer, f"{s}/post_attention_layernorm")
         g.output(residual, "residual", TensorProto.FLOAT, ["T", cfg.hidden_size])
         if cfg.moe_layers[layer]:
             router_logits = linear(g, mlp_input, self.tensor("router", layer), f"{s}/router")  # [T, E]
@@ -319,11 +330,18 @@ class Architecture:
         g.output(attn[2], "present_value", TensorProto.FLOAT, [cfg.num_key_value_heads, "S", cfg.head_dim])
         if layer + 1 < cfg.num_hidden_layers and cfg.moe_layers[layer + 1]:
             ahead = f"{s}/lookahead"
-            next_input = rms_norm(g, residual, self.tensor("post_attention_norm", layer + 1), cfg.rms_norm_eps,
-                                  f"{ahead}/post_attention_layernorm")
+            next_input = self.norm(g, residual, "post_attention_norm", layer + 1, f"{ahead}/post_attention_layernorm")
             next_logits = linear(g, next_input, self.tensor("router", layer + 1), f"{ahead}/router")  # [T, E]
             g.output(next_logits, "next_router_logits", TensorProto.FLOAT, ["T", cfg.num_experts])
         return g
+
+    def norm(self, g: GraphBuilder, x: str, role: str, layer: int | None, scope: str) -> str:
+        """Normalize x [T, H] by RMSNorm with the weights of `role`. Families with another norm override this."""
+        return rms_norm(g, x, self.tensor(role, layer), self.config.rms_norm_eps, scope)
+
+    def rope(self, g: GraphBuilder, position_ids: str, scope: str) -> tuple[str, str]:
+        """Return cos and sin [T, D] for position_ids [T]. Families with a scaled RoPE override this."""
+        return rope_tables(g, position_ids, self.config.head_dim, self.config.rope_theta, scope)
 
     def attention(self, g: GraphBuilder, x: str, position_ids: str, past_k: str, past_v: str,
                   layer: int) -> tuple[str, str, str]:
@@ -354,7 +372,7 @@ class Architecture:
         key = g.op("Transpose", [key], s, perm=[1, 0, 2])                                # [K, T, D]
         value = g.op("Transpose", [value], s, perm=[1, 0, 2])                            # [K, T, D]
 
-        cos, sin = rope_tables(g, position_ids, d, cfg.rope_theta, f"{s}/rope")
+        cos, sin = self.rope(g, position_ids, f"{s}/rope")
         q = apply_rope(g, q, cos, sin, d, f"{s}/rope_q")
         key = apply_rope(g, key, cos, sin, d, f"{s}/rope_k")
 
