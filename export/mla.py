@@ -4,7 +4,7 @@ Shape legend (batch 1): T tokens in this call, P cached tokens, S = P + T, H hid
 N heads, Dn qk_nope_head_dim, Dr qk_rope_head_dim, Dv v_head_dim, R kv_lora_rank,
 Rq q_lora_rank.
 
-Per token and layer the cache holds the normalized latent c_kv [R] and the rotated shared key
+Per token and layer the cache stores the normalized latent c_kv [R] and the rotated shared key
 k_pe [Dr], R + Dr floats, where expanded keys and values would take N * (Dn + Dr + Dv).
 kv_b_proj, which expands c_kv into per-head k_nope and v, is folded into the query and the
 output instead of being applied to all S cached tokens at every step:

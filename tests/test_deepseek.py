@@ -6,10 +6,12 @@ Invariants checked:
   scores. V3's e_score_correction_bias changes which experts are chosen but not their weights.
   Both scale the weights by routed_scaling_factor.
 - The choice logits that the predictors see rank experts as the routing chooses them.
-- The runtime cache holds c_kv and k_pe, (kv_lora_rank + qk_rope_head_dim) float32 values per
+- The runtime cache stores c_kv and k_pe, (kv_lora_rank + qk_rope_head_dim) float32 values per
   layer and token, and bundles without a kv_cache field still get key and value.
 - The manifest stores V3's e_score_correction_bias exactly, and a manifest with a wrong bias
   length or an unknown routing parameter is rejected.
+- An FP8 checkpoint (e4m3 weights with weight_scale_inv blocks) exports to exactly what the
+  float32 checkpoint of its dequantized weights exports to.
 - Options that edgemoe does not implement are rejected at export, naming the field and value.
 """
 
@@ -17,13 +19,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 
 import numpy as np
 import pytest
 
 from conftest import checkpoint_dir
 from edgemoe.export.architectures import UnsupportedConfigError
-from edgemoe.export.checkpoint import Checkpoint
+from edgemoe.export.checkpoint import E4M3FN_VALUES, Checkpoint, CheckpointError
 from edgemoe.export.rope_scaling import parse_rope_scaling
 from edgemoe.export.writer import export_checkpoint
 from edgemoe.runtime.engine import Engine
@@ -179,8 +182,9 @@ def test_yarn_matches_deepseek_v2_lite_scale():
 
 
 @pytest.mark.parametrize("model, change, message", [
-    (V3, {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}},
-     "quantization_config with quant_method 'fp8'"),
+    (V3, {"quantization_config": {"quant_method": "gptq", "bits": 4}}, "quant_method 'gptq'"),
+    (V3, {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128]}},
+     "weight_block_size \\[128\\]"),
     (V2, {"moe_layer_freq": 2}, "moe_layer_freq 2"),
     (V2, {"norm_topk_prob": True}, "norm_topk_prob true"),
     (V2, {"topk_method": "noaux_tc"}, "topk_method 'noaux_tc'"),
@@ -203,3 +207,85 @@ def test_unsupported_option_rejected(checkpoint_copy, tmp_path, model, change, m
     with pytest.raises(UnsupportedConfigError, match=message):
         export_checkpoint(checkpoint, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+# FP8 checkpoints
+
+FP8_BLOCK = (8, 8)  # smaller than the tensors, and not dividing q_b_proj's 20 columns
+
+
+def _to_fp8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Quantize `weight` [O, I] per FP8_BLOCK block: e4m3 codes, float32 scales, dequantized weight."""
+    rows, columns = FP8_BLOCK
+    blocks = (-(-weight.shape[0] // rows), -(-weight.shape[1] // columns))
+    scales = np.zeros(blocks, np.float32)
+    for i in range(blocks[0]):
+        for j in range(blocks[1]):
+            scales[i, j] = np.abs(weight[i * rows:(i + 1) * rows, j * columns:(j + 1) * columns]).max() / 448
+    full = np.repeat(np.repeat(scales, rows, 0), columns, 1)[:weight.shape[0], :weight.shape[1]]
+    finite = np.flatnonzero(np.isfinite(E4M3FN_VALUES))
+    order = finite[np.argsort(E4M3FN_VALUES[finite])]
+    values = E4M3FN_VALUES[order]
+    position = np.clip(np.searchsorted(values, weight / full), 1, len(values) - 1)
+    nearer_low = np.abs(weight / full - values[position - 1]) <= np.abs(values[position] - weight / full)
+    codes = order[np.where(nearer_low, position - 1, position)].astype(np.uint8)
+    return codes, scales, E4M3FN_VALUES[codes] * full
+
+
+def _write_raw_safetensors(path, tensors: dict[str, np.ndarray]) -> None:
+    """Write uint8 arrays as F8_E4M3 and the others as F32."""
+    header, blobs, offset = {}, [], 0
+    for name, array in tensors.items():
+        data = np.ascontiguousarray(array if array.dtype == np.uint8 else array.astype("<f4")).tobytes()
+        dtype = "F8_E4M3" if array.dtype == np.uint8 else "F32"
+        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    header_bytes = json.dumps(header).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)) + header_bytes + b"".join(blobs))
+
+
+def test_fp8_checkpoint_dequantized(checkpoint_copy, write_safetensors, tmp_path):
+    fp8_dir, float_dir = checkpoint_copy(V3), tmp_path / "dequantized"
+    shutil.copytree(fp8_dir, float_dir)
+    source = Checkpoint(fp8_dir)
+    fp8_tensors, float_tensors = {}, {}
+    for name in source.names():
+        array = source.get(name)
+        quantized = array.ndim == 2 and ".layers." in name and ".mlp.gate." not in name
+        if quantized:
+            codes, scales, array = _to_fp8(array)
+            fp8_tensors[name], fp8_tensors[f"{name}_scale_inv"] = codes, scales
+        else:
+            fp8_tensors[name] = array
+        float_tensors[name] = array
+    _write_raw_safetensors(fp8_dir / "model.safetensors", fp8_tensors)
+    write_safetensors(float_dir / "model.safetensors", float_tensors)
+    config = json.loads((fp8_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": list(FP8_BLOCK)}
+    (fp8_dir / "config.json").write_text(json.dumps(config))
+
+    export_checkpoint(fp8_dir, tmp_path / "fp8-bundle", progress=False)
+    export_checkpoint(float_dir, tmp_path / "float-bundle", progress=False)
+    ids = np.arange(1, 12)
+    fp8_engine, float_engine = Engine(tmp_path / "fp8-bundle"), Engine(tmp_path / "float-bundle")
+    fp8_logits = fp8_engine.forward(ids, fp8_engine.new_cache(), all_logits=True)
+    float_logits = float_engine.forward(ids, float_engine.new_cache(), all_logits=True)
+
+    assert Checkpoint(fp8_dir).dtype("model.layers.1.self_attn.q_b_proj.weight") == "F8_E4M3"
+    np.testing.assert_array_equal(fp8_logits, float_logits)
+
+
+def test_fp8_weight_without_scale_rejected(checkpoint_copy, tmp_path):
+    checkpoint = checkpoint_copy(V3)
+    source = Checkpoint(checkpoint)
+    tensors = {name: source.get(name) for name in source.names()}
+    codes, _, _ = _to_fp8(tensors["model.layers.0.self_attn.o_proj.weight"])
+    tensors["model.layers.0.self_attn.o_proj.weight"] = codes
+    _write_raw_safetensors(checkpoint / "model.safetensors", tensors)
+
+    with pytest.raises(CheckpointError, match="o_proj.weight is FP8"):
+        export_checkpoint(checkpoint, tmp_path / "out", progress=False)

@@ -8,10 +8,14 @@ Both have:
 - RoPE on the rotary dims only, in interleaved pairs (DeepSeek-V2 always, DeepSeek-V3 unless
   rope_interleave is false), the default RoPE or YaRN. With YaRN the attention scale
   qk_head_dim ** -0.5 is multiplied by mscale(factor, mscale_all_dim) squared.
-- Layers before first_k_dense_replace have a dense SwiGLU MLP (intermediate_size); the others
-  have routed experts plus n_shared_experts shared experts, which run as one SwiGLU MLP of
-  width moe_intermediate_size * n_shared_experts inside the layer graph.
+- Layers before first_k_dense_replace have a dense SwiGLU MLP (intermediate_size). The others
+  have routed experts plus n_shared_experts shared experts, which run inside the layer graph
+  as one SwiGLU MLP of width moe_intermediate_size * n_shared_experts.
 - Routing weights times routed_scaling_factor.
+- FP8 checkpoints (DeepSeek-V3's own: e4m3 weights with a float32 weight_scale_inv per block of
+  weight_block_size) are dequantized to float32 at export; the bundle stores fp32 or fp16.
+  DeepSeek's inference code also quantizes activations to FP8 (activation_scheme dynamic); the
+  bundle computes with float32 activations instead.
 
 They differ in the router:
 - V2: softmax over all experts; topk_method "greedy" takes the top-k, "group_limited_greedy"
@@ -84,7 +88,9 @@ class DeepseekV2(Architecture):
         plain_rope = {"rope_type": "default", "rope_theta": self.rope.rope_theta}
         arch = super().parse_config({**config, "rope_parameters": plain_rope, "rope_scaling": None},
                                     generation_config)
+        self.fp8_block = self._fp8_block_size(config)
         self._reject_unsupported(config)
+
         try:
             self.q_lora_rank = config.get("q_lora_rank")
             self.dims = MlaDims(num_heads=arch.num_attention_heads,
@@ -101,11 +107,13 @@ class DeepseekV2(Architecture):
         if self.dims.qk_rope_head_dim % 2:
             raise UnsupportedConfigError(f"qk_rope_head_dim {self.dims.qk_rope_head_dim} is odd; RoPE needs "
                                          "an even number of rotary dims")
+
         self.interleaved = self.rope_interleaved(config)
         if config.get("attention_bias"):
             arch.attention_bias = ("q_a_proj", "kv_a_proj", "o_proj")
         qk_head_dim = self.dims.qk_nope_head_dim + self.dims.qk_rope_head_dim
         arch.attention_multiplier = qk_head_dim ** -0.5 * self.rope.softmax_scale_factor
+
         # Informational only: the runtime sizes its cache from kv_cache.
         arch.head_dim, arch.num_key_value_heads = qk_head_dim, arch.num_attention_heads
         arch.kv_cache = mla_cache_tensors(self.dims)
@@ -128,13 +136,22 @@ class DeepseekV2(Architecture):
                                          "supported: greedy, group_limited_greedy")
         return _check_groups(config, arch, group_size_min=1)
 
-    def _reject_unsupported(self, config: dict) -> None:
+    def _fp8_block_size(self, config: dict) -> tuple[int, int] | None:
+        """Return the [rows, columns] of one weight_scale_inv block of an FP8 checkpoint, or None."""
         quantization = config.get("quantization_config")
-        if quantization:
+        if not quantization:
+            return None
+        method, fmt = quantization.get("quant_method"), quantization.get("fmt", "e4m3")
+        block = quantization.get("weight_block_size")
+        if method != "fp8" or fmt != "e4m3" or not (isinstance(block, list) and len(block) == 2
+                                                     and all(isinstance(b, int) and b > 0 for b in block)):
             raise UnsupportedConfigError(
-                f"quantization_config with quant_method {quantization.get('quant_method')!r} is not supported; "
-                "edgemoe exports float checkpoints (float32, float16, bfloat16). Dequantize the weights first, "
-                "for DeepSeek-V3's FP8 with DeepSeek's fp8_cast_bf16.py")
+                f"quantization_config with quant_method {method!r}, fmt {fmt!r}, weight_block_size {block!r} is not "
+                "supported; edgemoe reads float checkpoints and FP8 e4m3 ones with 2-D block scales "
+                "(quant_method fp8, weight_block_size [rows, columns]); dequantize others first")
+        return block[0], block[1]
+
+    def _reject_unsupported(self, config: dict) -> None:
         if config.get("mlp_bias"):
             raise UnsupportedConfigError("mlp_bias true is not supported; only MLPs without biases")
         heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
@@ -159,6 +176,24 @@ class DeepseekV2(Architecture):
                     "and values (%.1fx less)", compressed, expanded, expanded / compressed)
 
     # Weights
+
+    def tensor(self, role: str, layer: int | None = None, expert: int | None = None) -> np.ndarray:
+        """Return a tensor as float32; FP8 weights are multiplied by their weight_scale_inv blocks."""
+        name = self.names[role].format(layer=layer, expert=expert)
+        if self.checkpoint.dtype(name) != "F8_E4M3":
+            return self.checkpoint.get(name)
+        if self.fp8_block is None or not self.checkpoint.has(f"{name}_scale_inv"):
+            raise CheckpointError(f"tensor {name} is FP8 (F8_E4M3) but {name}_scale_inv or config.json's "
+                                  "quantization_config is missing, so its scale is unknown")
+        array = self.checkpoint.get_e4m3(name)                                      # [O, I]
+        scales = self.checkpoint.get(f"{name}_scale_inv")                          # [ceil(O/b0), ceil(I/b1)]
+        rows, columns = self.fp8_block
+        expected = (-(-array.shape[0] // rows), -(-array.shape[1] // columns))
+        if scales.shape != expected:
+            raise CheckpointError(f"tensor {name}_scale_inv has shape {list(scales.shape)}, expected {list(expected)} "
+                                  f"for {name} {list(array.shape)} in blocks of {[rows, columns]} (weight_block_size)")
+        full = np.repeat(np.repeat(scales, rows, axis=0), columns, axis=1)         # [>=O, >=I]
+        return array * full[:array.shape[0], :array.shape[1]]
 
     def layer_roles(self, layer: int) -> list[str]:
         roles = ["input_norm", "post_attention_norm", "kv_a_proj", "kv_a_norm", "kv_b_proj", "o_proj"]
