@@ -1,7 +1,9 @@
 """Reading a Hugging Face checkpoint directory: config, safetensors shards, tokenizer files.
 
 The safetensors reader is a small numpy one so that BF16 works (numpy has no bfloat16: such
-tensors are read as uint16 and widened to float32) and nothing but numpy is needed.
+tensors are read as uint16 and widened to float32) and nothing but numpy is needed. FP8 e4m3
+tensors are read only through `get_e4m3`, which decodes them through a 256-entry table; the
+family that reads them applies their scales.
 Format: 8-byte little-endian header length, a JSON header mapping tensor names to dtype, shape
 and byte offsets, then the raw little-endian data.
 """
@@ -21,6 +23,20 @@ _DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
     "BOOL": np.bool_,
 }
+
+
+def _e4m3fn_values() -> np.ndarray:
+    """Return the float32 value of each of the 256 float8 e4m3fn codes (OCP FP8 format: sign,
+    4 exponent bits with bias 7, 3 mantissa bits, no infinities, S.1111.111 is NaN)."""
+    codes = np.arange(256)
+    exponent, mantissa = (codes >> 3) & 0xF, codes & 0x7
+    magnitude = np.where(exponent == 0, mantissa / 8 * 2.0 ** -6, (1 + mantissa / 8) * 2.0 ** (exponent - 7))
+    values = np.where(codes & 0x80, -magnitude, magnitude)
+    values[(codes & 0x7F) == 0x7F] = np.nan
+    return values.astype(np.float32)
+
+
+E4M3FN_VALUES = _e4m3fn_values()
 
 
 class CheckpointError(Exception):
@@ -45,6 +61,23 @@ class SafetensorsFile:
 
     def names(self) -> list[str]:
         return list(self._header)
+
+    def dtype(self, name: str) -> str:
+        """Return the safetensors dtype name of a tensor, such as "BF16" or "F8_E4M3"."""
+        return self._header[name]["dtype"]
+
+    def get_e4m3(self, name: str) -> np.ndarray:
+        """Return an F8_E4M3 tensor decoded to float32, without its scales.
+
+        `get` rejects FP8 tensors, because their values mean nothing without their scales, and
+        only the family that reads the checkpoint's quantization_config applies those.
+        """
+        info = self._header[name]
+        if info["dtype"] != "F8_E4M3":
+            raise CheckpointError(f"tensor {name} in {self.path} has dtype {info['dtype']}, expected F8_E4M3")
+        begin, end = info["data_offsets"]
+        raw = np.frombuffer(self._map, dtype=np.uint8, count=end - begin, offset=self._data_start + begin)
+        return E4M3FN_VALUES[raw].reshape(info["shape"])
 
     def get(self, name: str) -> np.ndarray:
         """Return the tensor as float32 (floating types) or its stored integer type."""
@@ -123,6 +156,16 @@ class Checkpoint:
 
     def names(self) -> list[str]:
         return list(self._index)
+
+    def dtype(self, name: str) -> str:
+        """Return the safetensors dtype name of a tensor in the checkpoint."""
+        if name not in self._index:
+            raise CheckpointError(f"tensor {name} not found in the checkpoint {self.directory}")
+        return self._open(self._index[name]).dtype(name)
+
+    def get_e4m3(self, name: str) -> np.ndarray:
+        """Return an F8_E4M3 tensor decoded to float32, without its scales (see SafetensorsFile)."""
+        return self._open(self._index[name]).get_e4m3(name)
 
     def get(self, name: str) -> np.ndarray:
         """Return a tensor by its safetensors name.

@@ -118,15 +118,25 @@ def reshape(g: GraphBuilder, x: str, shape: list[int], scope: str) -> str:
     return g.op("Reshape", [x, g.const(f"{scope}/shape_{g._count}", np.array(shape, np.int64))], scope)
 
 
-def rope_tables(g: GraphBuilder, position_ids: str, head_dim: int, theta: float, scope: str) -> tuple[str, str]:
-    """cos and sin of the default RoPE, [T, D], as transformers builds them (float32)."""
-    inv_freq = (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim)))
+def rope_tables(g: GraphBuilder, position_ids: str, head_dim: int, theta: float, scope: str,
+                inv_freq: np.ndarray | None = None, factor: float = 1.0) -> tuple[str, str]:
+    """cos and sin of RoPE, [T, D], as transformers builds them (float32).
+
+    `inv_freq` [D/2] replaces the default RoPE's frequencies (YaRN), and `factor` multiplies cos
+    and sin (YaRN's attention factor).
+    """
+    if inv_freq is None:
+        inv_freq = (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim)))
     positions = g.op("Cast", [position_ids], scope, to=TensorProto.FLOAT)                  # [T]
     positions = g.op("Unsqueeze", [positions, g.const(f"{scope}/axis1", np.array([1], np.int64))], scope)
     freqs = g.op("Mul", [positions, g.const(f"{scope}/inv_freq",
                                             inv_freq.astype(np.float32)[None, :])], scope)  # [T, D/2]
     emb = g.op("Concat", [freqs, freqs], scope, axis=-1)                                 # [T, D]
-    return g.op("Cos", [emb], scope), g.op("Sin", [emb], scope)
+    cos, sin = g.op("Cos", [emb], scope), g.op("Sin", [emb], scope)
+    if factor != 1.0:
+        scale = g.const(f"{scope}/factor", np.array(factor, np.float32))
+        cos, sin = g.op("Mul", [cos, scale], scope), g.op("Mul", [sin, scale], scope)
+    return cos, sin
 
 
 def scaled_rope_tables(g: GraphBuilder, position_ids: str, inv_freq: np.ndarray, mscale: float,
@@ -200,6 +210,19 @@ def causal_attention(g: GraphBuilder, q: str, k: str, v: str, past_k: str, past_
     out = g.op("Transpose", [out], scope, perm=[1, 0, 2])                                # [T, N, D]
     out = reshape(g, out, [0, num_heads * head_dim], scope)                              # [T, N*D]
     return out, all_k, all_v
+
+
+def causal_mask(g: GraphBuilder, total: str, new: str, scope: str) -> str:
+    """Additive mask [T, S] for `new` (T) queries that follow S - T cached tokens, with `total`
+    (S) and `new` as int64 scalars: 0 where key j <= S - T + query i, float32 min elsewhere."""
+    zero = g.const(f"{scope}/mask_zero", np.array(0, np.int64))
+    one = g.const(f"{scope}/mask_one", np.array(1, np.int64))
+    key_pos = g.op("Range", [zero, total, one], scope)                                   # [S]
+    query_pos = g.op("Range", [g.op("Sub", [total, new], scope), total, one], scope)     # [T]
+    query_pos = g.op("Unsqueeze", [query_pos, g.const(f"{scope}/mask_axis", np.array([1], np.int64))], scope)
+    visible = g.op("LessOrEqual", [key_pos, query_pos], scope)                           # [T, S]
+    return g.op("Where", [visible, g.const(f"{scope}/mask_open", np.array(0.0, np.float32)),
+                          g.const(f"{scope}/mask_closed", np.array(np.finfo(np.float32).min, np.float32))], scope)
 
 
 def swiglu_expert(g: GraphBuilder, x: str, gate: np.ndarray, up: np.ndarray, down: np.ndarray,

@@ -20,7 +20,7 @@ from edgemoe.runtime.manifest import BundleError, Manifest, load_manifest, verif
 from edgemoe.runtime.predictors import (PREDICTORS, CombinedPredictor, RecallMeter, TablePredictor, make_predictor,
                                         top_experts)
 from edgemoe.runtime.preloader import Preloader
-from edgemoe.runtime.routing import ROUTING_METHODS
+from edgemoe.runtime.routing import CHOICE_LOGITS, ROUTING_METHODS
 from edgemoe.runtime.routing_profile import RoutingStats
 from edgemoe.runtime.sessions import default_threads, dense_session
 
@@ -79,7 +79,8 @@ class Engine:
         self.layer_outputs = [self._check_layer_outputs(layer, session)
                               for layer, session in enumerate(self.layers)]
         self.head = dense_session(str(self.bundle_dir / dense[-1]), threads)
-        self.route = partial(ROUTING_METHODS[self.config.routing], **self.config.routing_params)
+        self.route = ROUTING_METHODS[self.config.routing]
+        self.choice_logits = CHOICE_LOGITS.get(self.config.routing)
         self.moe_layers = [layer for layer in range(self.config.num_hidden_layers) if self.config.is_moe_layer(layer)]
 
         budget = self.manifest.expert_bytes if self.options.budget_bytes is None else self.options.budget_bytes
@@ -140,14 +141,15 @@ class Engine:
     def _check_layer_outputs(self, layer: int, session) -> list[str]:
         """Return the layer graph's output names after checking them against the manifest.
 
-        Every layer graph has residual, present_key and present_value. An MoE layer adds
+        Every layer graph has residual and present_NAME for each cache tensor (present_key and
+        present_value unless the manifest declares others). An MoE layer adds
         moe_input and router_logits; a dense layer has dense_mlp_out instead, which an MoE layer
         may have too (a shared expert).
         """
         graph = self.manifest.graphs["layers"][layer]
         names = [output.name for output in session.get_outputs()]
         is_moe = self.config.is_moe_layer(layer)
-        required = ["residual", "present_key", "present_value"]
+        required = ["residual"] + [f"present_{name}" for name, _ in self.config.cache_tensors()]
         required += ["moe_input", "router_logits"] if is_moe else ["dense_mlp_out"]
         missing = [name for name in required if name not in names]
         if missing:
@@ -164,7 +166,7 @@ class Engine:
         return self.config.max_position_embeddings
 
     def new_cache(self) -> KVCache:
-        return KVCache(self.config.num_hidden_layers, self.config.num_key_value_heads, self.config.head_dim)
+        return KVCache(self.config.num_hidden_layers, self.config.cache_tensors())
 
     def forward(self, token_ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run the model on `token_ids` after the tokens already in `cache`.
@@ -192,14 +194,14 @@ class Engine:
         predictions: dict[str, np.ndarray] = {}  # predictor name -> predicted experts [T, K] for this layer
         for layer, session in enumerate(self.layers):
             outputs = dict(zip(self.layer_outputs[layer], session.run(None, {
-                "hidden": hidden, "position_ids": positions,
-                "past_key": cache.keys[layer], "past_value": cache.values[layer]})))
-            cache.update(layer, outputs["present_key"], outputs["present_value"])
+                "hidden": hidden, "position_ids": positions, **cache.inputs(layer)})))
+            cache.update(layer, outputs)
 
             moe_out = None
             if "router_logits" in outputs:
                 weights, experts = self.route(outputs["router_logits"], self.config.num_experts_per_tok,
-                                              self.config.norm_topk_prob)        # [T, K], [T, K]
+                                              self.config.norm_topk_prob,
+                                              **self.config.routing_arguments(layer))  # [T, K], [T, K]
                 for name, predicted in predictions.items():
                     self.meters[name].record(layer, predicted, experts)
                 self.routing.record(layer, experts, previous)
@@ -223,6 +225,8 @@ class Engine:
             # NOTE: predictions skip no dense layer: the next layer must be an MoE layer.
             return {}
         k = self.config.num_experts_per_tok
+        if lookahead is not None and self.choice_logits is not None:
+            lookahead = self.choice_logits(lookahead, **self.config.routing_arguments(following))  # [T, E]
         predictions = {name: top_experts(p.scores(following, experts, lookahead), k)
                        for name, p in self._meter_predictors.items()}
         if self.preloader is None or not self._worth_preloading(following):

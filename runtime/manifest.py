@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgemoe.runtime.routing import ROUTING_METHODS
 
 FORMAT_VERSION = 1
@@ -50,12 +52,33 @@ class ModelConfig:
     # (bundles written before dense layers were supported) means every layer is an MoE layer.
     moe_layers: list[bool] | None = None
     routing: str = "softmax_topk"  # a key of edgemoe.runtime.routing.ROUTING_METHODS
-    # Keyword arguments of the routing method beyond the logits, such as sparsemixer's jitter_eps.
-    routing_params: dict[str, float] = field(default_factory=dict)
     residual_multiplier: float = 1.0  # factor on the MLP block's output before the residual add
+    # Cache tensors of every layer graph, as {"name": str, "shape": [...]} with "S" at the token
+    # axis; a graph reads past_NAME and writes present_NAME. None (bundles written before this
+    # field) means key and value [num_key_value_heads, S, head_dim].
+    kv_cache: list[dict[str, Any]] | None = None
+    # Keyword arguments of the routing method shared by all layers, such as DeepSeek's n_group
+    # or sparsemixer's jitter_eps.
+    routing_params: dict[str, Any] | None = None
+    # Per layer, the e_score_correction_bias [E] of the routing method, or None for a dense layer.
+    router_bias: list[list[float] | None] | None = None
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe_layers is None or self.moe_layers[layer]
+
+    def cache_tensors(self) -> list[tuple[str, list[int | str]]]:
+        """Return (name, shape) of each per-layer cache tensor, "S" marking the token axis."""
+        if self.kv_cache is None:
+            shape = [self.num_key_value_heads, "S", self.head_dim]
+            return [("key", shape), ("value", shape)]
+        return [(entry["name"], list(entry["shape"])) for entry in self.kv_cache]
+
+    def routing_arguments(self, layer: int) -> dict[str, Any]:
+        """Return the keyword arguments of the routing method for one MoE layer."""
+        arguments = dict(self.routing_params or {})
+        if self.router_bias is not None and self.router_bias[layer] is not None:
+            arguments["e_score_correction_bias"] = np.asarray(self.router_bias[layer], np.float32)
+        return arguments
 
 
 @dataclass
@@ -216,21 +239,42 @@ def _check_experts(path: Path, manifest: Manifest) -> None:
     if cfg.routing not in ROUTING_METHODS:
         raise BundleError(f"invalid {path}: routing {cfg.routing!r} is not one of "
                           f"{', '.join(ROUTING_METHODS)}; update edgemoe or re-export the checkpoint")
-    # Every method takes router_logits, top_k and normalize first.
-    accepted = list(inspect.signature(ROUTING_METHODS[cfg.routing]).parameters)[3:]
-    unknown = sorted(set(cfg.routing_params) - set(accepted))
-    if unknown:
-        raise BundleError(f"invalid {path}: routing_params {', '.join(unknown)} are not parameters of routing "
-                          f"{cfg.routing!r}, which takes {', '.join(accepted) or 'none'}; re-export the checkpoint")
     if cfg.moe_layers is not None and len(cfg.moe_layers) != cfg.num_hidden_layers:
         raise BundleError(f"invalid {path}: moe_layers has {len(cfg.moe_layers)} entries, expected "
                           f"{cfg.num_hidden_layers} (num_hidden_layers)")
+    _check_routing_and_cache(path, cfg)
     moe_layers = [layer for layer in range(cfg.num_hidden_layers) if cfg.is_moe_layer(layer)]
     expected = {(layer, index) for layer in moe_layers for index in range(cfg.num_experts)}
     listed = [(e.layer, e.index) for e in manifest.experts]
     if len(listed) != len(expected) or set(listed) != expected:
         raise BundleError(f"invalid {path}: {len(listed)} experts listed, expected {len(expected)} "
                           f"(experts 0..{cfg.num_experts - 1} of each of the {len(moe_layers)} MoE layers, once)")
+
+
+def _check_routing_and_cache(path: Path, cfg: ModelConfig) -> None:
+    """Check routing_params against the routing method, router_bias and kv_cache shapes."""
+    accepted = set(inspect.signature(ROUTING_METHODS[cfg.routing]).parameters) - {"router_logits", "top_k",
+                                                                                   "normalize"}
+    unknown = sorted(set(cfg.routing_params or {}) - accepted)
+    if unknown:
+        raise BundleError(f"invalid {path}: routing_params {', '.join(unknown)} are not parameters of routing "
+                          f"{cfg.routing!r} (it takes {', '.join(sorted(accepted)) or 'none'}); re-export the checkpoint")
+    if cfg.router_bias is not None:
+        if "e_score_correction_bias" not in accepted:
+            raise BundleError(f"invalid {path}: routing {cfg.routing!r} takes no router_bias; re-export the checkpoint")
+        lengths = [None if b is None else len(b) for b in cfg.router_bias]
+        expected = [cfg.num_experts if cfg.is_moe_layer(layer) else None for layer in range(cfg.num_hidden_layers)]
+        if lengths != expected:
+            raise BundleError(f"invalid {path}: router_bias has lengths {lengths}, expected {expected} "
+                              "(num_experts for each MoE layer, null for each dense layer)")
+    try:
+        tensors = cfg.cache_tensors()
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise BundleError(f"invalid {path}: kv_cache entries need a name and a shape ({exc!r})") from exc
+    for name, shape in tensors:
+        if shape.count("S") != 1 or not all(d == "S" or (isinstance(d, int) and d > 0) for d in shape):
+            raise BundleError(f"invalid {path}: kv_cache tensor {name!r} has shape {shape}; expected positive "
+                              "sizes and one \"S\" for the token axis")
 
 
 def verify_file(bundle_dir: str | os.PathLike, manifest: Manifest, name: str) -> None:

@@ -25,7 +25,7 @@ from edgemoe.runtime.demo import DEMO_CHECKPOINT
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES_DIR = REPO_ROOT / "tests" / "fixtures"
 TINY_MODELS = ("tiny-mixtral", "tiny-qwen3-moe", "tiny-olmoe", "tiny-qwen2-moe", "tiny-granitemoe",
-               "tiny-phimoe")
+               "tiny-phimoe", "tiny-deepseek-v2", "tiny-deepseek-v3")
 DEMO = "demo"
 # Held-out TinyStories text that `eval_reference.json` was computed on (its sha256 is in there).
 CORPUS_CANDIDATES = (FIXTURES_DIR / "tinystories-eval.txt",

@@ -61,8 +61,11 @@ class ArchConfig:
     residual_multiplier: float = 1.0  # factor on the attention and MLP outputs before each residual add
     logits_scaling: float = 1.0  # the logits are divided by it
     routing: str = "softmax_topk"  # see edgemoe.runtime.routing.ROUTING_METHODS
-    routing_params: dict = field(default_factory=dict)  # keyword arguments of the routing method
+    routing_params: dict | None = None  # keyword arguments of the routing method (ModelConfig)
+    kv_cache: list[dict] | None = None  # per-layer cache tensors; None: key and value (ModelConfig)
     lm_head_bias: bool = False
+    # extra["router_bias"]: per-layer e_score_correction_bias lists for the manifest. It lives
+    # here, not in a field, so the bundle's record of the source config stays small.
     extra: dict = field(default_factory=dict)
 
     def runtime_config(self) -> ModelConfig:
@@ -74,8 +77,8 @@ class ArchConfig:
             vocab_size=self.vocab_size, max_position_embeddings=self.max_position_embeddings,
             bos_token_id=self.bos_token_id, eos_token_ids=self.eos_token_ids,
             pad_token_id=self.pad_token_id, moe_layers=list(self.moe_layers), routing=self.routing,
-            routing_params=dict(self.routing_params),
-            residual_multiplier=self.residual_multiplier)
+            residual_multiplier=self.residual_multiplier, kv_cache=self.kv_cache,
+            routing_params=self.routing_params, router_bias=self.extra.get("router_bias"))
 
 
 def _eos_ids(config: dict, generation_config: dict) -> list[int]:
@@ -291,8 +294,9 @@ class Architecture:
     def build_layer(self, layer: int, dtype: np.dtype) -> GraphBuilder:
         """Attention, router and the dense part of the MLP block of one decoder layer.
 
-        Inputs: hidden [T, H], position_ids [T], past_key / past_value [K, P, D].
-        Outputs: residual [T, H] (hidden + attention), present_key / present_value [K, S, D], and
+        Inputs: hidden [T, H], position_ids [T], past_NAME for each cache tensor (past_key /
+        past_value [K, P, D] unless the family declares others, see ModelConfig.cache_tensors).
+        Outputs: residual [T, H] (hidden + attention), present_NAME for each cache tensor, and
         - in an MoE layer, moe_input [T, H] (the post-attention norm) and router_logits [T, E];
         - in a dense layer or a layer with a shared expert, dense_mlp_out [T, H], which the
           runtime adds to the routed experts' weighted sum.
@@ -305,12 +309,12 @@ class Architecture:
         g = GraphBuilder(f"layer_{layer}", dtype)
         hidden = g.input("hidden", TensorProto.FLOAT, ["T", cfg.hidden_size])
         position_ids = g.input("position_ids", TensorProto.INT64, ["T"])
-        kv_shape = [cfg.num_key_value_heads, "P", cfg.head_dim]
-        past_k = g.input("past_key", TensorProto.FLOAT, kv_shape)
-        past_v = g.input("past_value", TensorProto.FLOAT, kv_shape)
+        cache = cfg.runtime_config().cache_tensors()
+        past = [g.input(f"past_{name}", TensorProto.FLOAT, ["P" if d == "S" else d for d in shape])
+                for name, shape in cache]
 
         x = self.norm(g, hidden, "input_norm", layer, f"{s}/input_layernorm")
-        attn = self.attention(g, x, position_ids, past_k, past_v, layer)
+        attn = self.attention(g, x, position_ids, *past, layer)
         attn_out = attn[0]
         if cfg.residual_multiplier != 1.0:
             multiplier = g.const(f"{s}/residual_multiplier", np.array(cfg.residual_multiplier, np.float32))
@@ -326,8 +330,8 @@ class Architecture:
         dense_out = self.dense_mlp(g, mlp_input, layer)
         if dense_out is not None:
             g.output(dense_out, "dense_mlp_out", TensorProto.FLOAT, ["T", cfg.hidden_size])
-        g.output(attn[1], "present_key", TensorProto.FLOAT, [cfg.num_key_value_heads, "S", cfg.head_dim])
-        g.output(attn[2], "present_value", TensorProto.FLOAT, [cfg.num_key_value_heads, "S", cfg.head_dim])
+        for (name, shape), present in zip(cache, attn[1:]):
+            g.output(present, f"present_{name}", TensorProto.FLOAT, shape)
         if layer + 1 < cfg.num_hidden_layers and cfg.moe_layers[layer + 1]:
             ahead = f"{s}/lookahead"
             next_input = self.norm(g, residual, "post_attention_norm", layer + 1, f"{ahead}/post_attention_layernorm")
