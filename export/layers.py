@@ -165,12 +165,17 @@ def apply_rope(g: GraphBuilder, x: str, cos: str, sin: str, head_dim: int, scope
 
 def causal_attention(g: GraphBuilder, q: str, k: str, v: str, past_k: str, past_v: str,
                      num_heads: int, num_kv_heads: int, head_dim: int, scope: str,
-                     scale: float | None = None) -> tuple[str, str, str]:
+                     scale: float | None = None, sliding_window: int | None = None,
+                     sinks: np.ndarray | None = None) -> tuple[str, str, str]:
     """Grouped-query attention over the KV cache plus this call's tokens, causal.
 
     Args:
         q: [N, T, D] after RoPE; k, v: [K, T, D] (k after RoPE); past_k, past_v: [K, P, D].
         scale: factor on q·k before the softmax; None means head_dim ** -0.5.
+        sliding_window: when given, query i sees only the keys j with P + i - j < sliding_window,
+            itself included (transformers' sliding-window mask).
+        sinks: [N] attention-sink logits (gpt-oss). Each joins its head's softmax denominator
+            as one more logit, and its probability is dropped afterwards.
 
     Returns:
         The attention output [T, N*D] and the new cache tensors [K, S, D].
@@ -200,11 +205,18 @@ def causal_attention(g: GraphBuilder, q: str, k: str, v: str, past_k: str, past_
     query_pos = g.op("Range", [past, total, one], scope)                                 # [T]
     query_pos = g.op("Unsqueeze", [query_pos, f"{scope}/axis1"], scope)                  # [T, 1]
     visible = g.op("LessOrEqual", [key_pos, query_pos], scope)                           # [T, S]
+    if sliding_window is not None:
+        window = g.const(f"{scope}/sliding_window", np.array(sliding_window, np.int64))
+        recent = g.op("Greater", [key_pos, g.op("Sub", [query_pos, window], scope)], scope)  # [T, S]
+        visible = g.op("And", [visible, recent], scope)
     mask = g.op("Where", [visible, g.const(f"{scope}/open", np.array(0.0, np.float32)),
                           g.const(f"{scope}/closed", np.array(np.finfo(np.float32).min, np.float32))], scope)
     scores = g.op("Add", [scores, mask], scope)
 
-    probs = g.op("Softmax", [scores], scope, axis=-1)
+    if sinks is None:
+        probs = g.op("Softmax", [scores], scope, axis=-1)
+    else:
+        probs = _softmax_with_sinks(g, scores, sinks, num_kv_heads, groups, scope)      # [K, G, T, S]
     out = g.op("MatMul", [probs, v4], scope)                                             # [K, G, T, D]
     out = reshape(g, out, [num_heads, -1, head_dim], scope)                              # [N, T, D]
     out = g.op("Transpose", [out], scope, perm=[1, 0, 2])                                # [T, N, D]
@@ -223,6 +235,19 @@ def causal_mask(g: GraphBuilder, total: str, new: str, scope: str) -> str:
     visible = g.op("LessOrEqual", [key_pos, query_pos], scope)                           # [T, S]
     return g.op("Where", [visible, g.const(f"{scope}/mask_open", np.array(0.0, np.float32)),
                           g.const(f"{scope}/mask_closed", np.array(np.finfo(np.float32).min, np.float32))], scope)
+
+
+def _softmax_with_sinks(g: GraphBuilder, scores: str, sinks: np.ndarray, num_kv_heads: int, groups: int,
+                        scope: str) -> str:
+    """Softmax over [scores | sink] per row of scores [K, G, T, S], returned without the sink column."""
+    sink = g.weight(f"{scope}.sinks", np.asarray(sinks).reshape(num_kv_heads, groups, 1, 1))  # [K, G, 1, 1]
+    rows = g.op("Shape", [scores], scope, start=0, end=3)                                # [K, G, T]
+    column_shape = g.op("Concat", [rows, g.const(f"{scope}/one_column", np.array([1], np.int64))], scope, axis=0)
+    sink_column = g.op("Expand", [sink, column_shape], scope)                            # [K, G, T, 1]
+    probs = g.op("Softmax", [g.op("Concat", [scores, sink_column], scope, axis=-1)], scope, axis=-1)  # [K,G,T,S+1]
+    starts, ends, axes = (g.const(f"{scope}/sink_slice_{name}", np.array([value], np.int64))
+                          for name, value in (("starts", 0), ("ends", -1), ("axes", -1)))
+    return g.op("Slice", [probs, starts, ends, axes], scope)                             # [K, G, T, S]
 
 
 def swiglu_expert(g: GraphBuilder, x: str, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
@@ -244,3 +269,34 @@ def quantized_swiglu_expert(g: GraphBuilder, x: str, gate: np.ndarray, up: np.nd
     silu = g.op("Mul", [gate_out, g.op("Sigmoid", [gate_out], scope)], scope)
     hidden = g.op("Mul", [silu, up_out], scope)                                          # [T, I]
     return quantized_linear(g, hidden, down, f"{scope}/down_proj", bits, block_size, level)  # [T, H]
+
+
+def clamped_swiglu_expert(g: GraphBuilder, x: str, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
+                          biases: tuple[np.ndarray, np.ndarray, np.ndarray], alpha: float, limit: float,
+                          scope: str, bits: int | None = None, block_size: int | None = None) -> str:
+    """gpt-oss's expert for x [T, H]: projections with biases and a clamped SwiGLU.
+
+        g = min(gate(x), limit)    u = clip(up(x), -limit, limit)
+        y = down((u + 1) * g * sigmoid(alpha * g))
+
+    Weights are in PyTorch's [out, in] layout; `biases` are those of gate, up and down. With
+    `bits` the three projections are quantized as in quantized_linear and the biases stay float.
+    """
+    def project(value: str, weight: np.ndarray, bias: np.ndarray, name: str) -> str:
+        if bits is None:
+            return linear(g, value, weight, f"{scope}/{name}", bias)
+        out = quantized_linear(g, value, weight, f"{scope}/{name}", bits, block_size)
+        return g.op("Add", [out, g.weight(f"{scope}/{name}.bias", bias)], scope)
+
+    gate_bias, up_bias, down_bias = biases
+    gate_out = project(x, gate, gate_bias, "gate_proj")                                  # [T, I]
+    up_out = project(x, up, up_bias, "up_proj")                                          # [T, I]
+    high = g.const(f"{scope}/limit", np.array(limit, np.float32))
+    low = g.const(f"{scope}/neg_limit", np.array(-limit, np.float32))
+    gate_out = g.op("Min", [gate_out, high], scope)
+    up_out = g.op("Clip", [up_out, low, high], scope)
+    scaled = g.op("Mul", [gate_out, g.const(f"{scope}/alpha", np.array(alpha, np.float32))], scope)
+    glu = g.op("Mul", [gate_out, g.op("Sigmoid", [scaled], scope)], scope)
+    one = g.const(f"{scope}/one", np.array(1.0, np.float32))
+    hidden = g.op("Mul", [g.op("Add", [up_out, one], scope), glu], scope)               # [T, I]
+    return project(hidden, down, down_bias, "down_proj")                                 # [T, H]

@@ -25,7 +25,7 @@ from edgemoe.runtime.demo import DEMO_CHECKPOINT
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES_DIR = REPO_ROOT / "tests" / "fixtures"
 TINY_MODELS = ("tiny-mixtral", "tiny-qwen3-moe", "tiny-olmoe", "tiny-qwen2-moe", "tiny-granitemoe",
-               "tiny-phimoe", "tiny-deepseek-v2", "tiny-deepseek-v3")
+               "tiny-phimoe", "tiny-deepseek-v2", "tiny-deepseek-v3", "tiny-gpt-oss", "tiny-gpt-oss-mxfp4")
 DEMO = "demo"
 # Held-out TinyStories text that `eval_reference.json` was computed on (its sha256 is in there).
 CORPUS_CANDIDATES = (FIXTURES_DIR / "tinystories-eval.txt",
@@ -115,7 +115,7 @@ def corpus_path() -> Path:
 
 
 def _write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtypes: dict[str, str] | None = None) -> None:
-    """Write float32 tensors in the safetensors format.
+    """Write float32 tensors (uint8 ones as they are) in the safetensors format.
 
     The format is an 8-byte little-endian header length, a JSON header mapping each name to its
     dtype, shape and byte range, then the raw little-endian data. `dtypes` overrides the dtype
@@ -123,8 +123,9 @@ def _write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtypes: dict[
     """
     header, blobs, offset = {}, [], 0
     for name, array in tensors.items():
-        data = np.ascontiguousarray(array, dtype="<f4").tobytes()
-        dtype = (dtypes or {}).get(name, "F32")
+        is_bytes = np.asarray(array).dtype == np.uint8  # MXFP4 blocks and scales
+        data = np.ascontiguousarray(array, dtype=np.uint8 if is_bytes else "<f4").tobytes()
+        dtype = (dtypes or {}).get(name, "U8" if is_bytes else "F32")
         header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
         offset += len(data)

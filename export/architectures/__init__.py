@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from edgemoe.export.architectures.base import Architecture, ArchConfig, UnsupportedConfigError
 from edgemoe.export.architectures.deepseek import DeepseekV2, DeepseekV3
+from edgemoe.export.architectures.gpt_oss import GptOss
 from edgemoe.export.architectures.granitemoe import GraniteMoe
 from edgemoe.export.architectures.mixtral import Mixtral
 from edgemoe.export.architectures.olmoe import Olmoe
@@ -14,7 +15,7 @@ from edgemoe.export.checkpoint import Checkpoint
 
 REGISTRY: dict[str, type[Architecture]] = {
     cls.model_type: cls for cls in (Mixtral, Qwen2Moe, Qwen3Moe, Olmoe, GraniteMoe, Phimoe,
-                                    DeepseekV2, DeepseekV3)}
+                                    DeepseekV2, DeepseekV3, GptOss)}
 
 
 def architecture_for(checkpoint: Checkpoint) -> Architecture:

@@ -88,12 +88,12 @@ def _eos_ids(config: dict, generation_config: dict) -> list[int]:
     return [int(v) for v in (value if isinstance(value, list) else [value])]
 
 
-def _rope_theta(config: dict, default: float) -> float:
+def _rope_theta(config: dict, default: float, supported: tuple[str, ...] = ("default",)) -> float:
     params = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
+    if rope_type not in supported:
         raise UnsupportedConfigError(
-            f"rope_type {rope_type!r} is not supported yet; edgemoe exports the default RoPE only")
+            f"rope_type {rope_type!r} is not supported for this model_type; supported: {', '.join(supported)}")
     # transformers 5.x keeps rope_theta inside rope_parameters; 4.x has it at the top level.
     return float(params.get("rope_theta", config.get("rope_theta", default)))
 
@@ -103,6 +103,8 @@ class Architecture:
 
     model_type: ClassVar[str]
     default_rope_theta: ClassVar[float] = 10000.0
+    # RoPE types the family exports; a family with others overrides rope_tables (and may override rope_theta).
+    rope_types: ClassVar[tuple[str, ...]] = ("default",)
 
     # Safetensors names; {layer} and {expert} are filled in. Families override entries.
     names: ClassVar[dict[str, str]] = {
@@ -203,8 +205,8 @@ class Architecture:
         return arch
 
     def rope_theta(self, config: dict) -> float:
-        """Return the RoPE base. A family that supports a scaled RoPE overrides this to accept its rope_type."""
-        return _rope_theta(config, self.default_rope_theta)
+        """Return the RoPE base after checking that the config's rope_type is in `rope_types`."""
+        return _rope_theta(config, self.default_rope_theta, self.rope_types)
 
     # Weights
 
@@ -324,7 +326,7 @@ class Architecture:
         mlp_input = self.norm(g, residual, "post_attention_norm", layer, f"{s}/post_attention_layernorm")
         g.output(residual, "residual", TensorProto.FLOAT, ["T", cfg.hidden_size])
         if cfg.moe_layers[layer]:
-            router_logits = linear(g, mlp_input, self.tensor("router", layer), f"{s}/router")  # [T, E]
+            router_logits = self.router_logits(g, mlp_input, layer, f"{s}/router")      # [T, E]
             g.output(mlp_input, "moe_input", TensorProto.FLOAT, ["T", cfg.hidden_size])
             g.output(router_logits, "router_logits", TensorProto.FLOAT, ["T", cfg.num_experts])
         dense_out = self.dense_mlp(g, mlp_input, layer)
@@ -335,17 +337,13 @@ class Architecture:
         if layer + 1 < cfg.num_hidden_layers and cfg.moe_layers[layer + 1]:
             ahead = f"{s}/lookahead"
             next_input = self.norm(g, residual, "post_attention_norm", layer + 1, f"{ahead}/post_attention_layernorm")
-            next_logits = linear(g, next_input, self.tensor("router", layer + 1), f"{ahead}/router")  # [T, E]
+            next_logits = self.router_logits(g, next_input, layer + 1, f"{ahead}/router")  # [T, E]
             g.output(next_logits, "next_router_logits", TensorProto.FLOAT, ["T", cfg.num_experts])
         return g
 
     def norm(self, g: GraphBuilder, x: str, role: str, layer: int | None, scope: str) -> str:
         """Normalize x [T, H] by RMSNorm with the weights of `role`. Families with another norm override this."""
         return rms_norm(g, x, self.tensor(role, layer), self.config.rms_norm_eps, scope)
-
-    def rope(self, g: GraphBuilder, position_ids: str, scope: str) -> tuple[str, str]:
-        """Return cos and sin [T, D] for position_ids [T]. Families with a scaled RoPE override this."""
-        return rope_tables(g, position_ids, self.config.head_dim, self.config.rope_theta, scope)
 
     def attention(self, g: GraphBuilder, x: str, position_ids: str, past_k: str, past_v: str,
                   layer: int) -> tuple[str, str, str]:
@@ -376,15 +374,27 @@ class Architecture:
         key = g.op("Transpose", [key], s, perm=[1, 0, 2])                                # [K, T, D]
         value = g.op("Transpose", [value], s, perm=[1, 0, 2])                            # [K, T, D]
 
-        cos, sin = self.rope(g, position_ids, f"{s}/rope")
+        cos, sin = self.rope_tables(g, position_ids, f"{s}/rope")
         q = apply_rope(g, q, cos, sin, d, f"{s}/rope_q")
         key = apply_rope(g, key, cos, sin, d, f"{s}/rope_k")
 
         out, all_k, all_v = causal_attention(g, q, key, value, past_k, past_v, n, k, d, s,
-                                             scale=cfg.attention_multiplier)
+                                             scale=cfg.attention_multiplier, **self.attention_options(layer))
         out = linear(g, out, self.tensor("o_proj", layer), f"{s}/o_proj",
                      self.bias("o_proj", layer))                                         # [T, H]
         return out, all_k, all_v
+
+    def rope_tables(self, g: GraphBuilder, position_ids: str, scope: str) -> tuple[str, str]:
+        """cos and sin [T, D] of the positions; families with scaled RoPE override this."""
+        return rope_tables(g, position_ids, self.config.head_dim, self.config.rope_theta, scope)
+
+    def attention_options(self, layer: int) -> dict:
+        """Extra keyword arguments of causal_attention for `layer` (sliding_window, sinks)."""
+        return {}
+
+    def router_logits(self, g: GraphBuilder, x: str, layer: int, scope: str) -> str:
+        """Router logits [T, E] of `layer` for x [T, H]."""
+        return linear(g, x, self.tensor("router", layer), scope)
 
     def bias(self, projection: str, layer: int) -> np.ndarray | None:
         """Return the bias of an attention projection, or None when the config gives it none."""
@@ -413,17 +423,21 @@ class Architecture:
         cfg = self.config
         g = GraphBuilder(f"expert_{layer}_{expert}", dtype)
         x = g.input("x", TensorProto.FLOAT, ["T", cfg.hidden_size])
-        gate, up, down = self.expert_weights(layer, expert)
-        scope = f"/layers.{layer}/experts.{expert}"
-        if bits is None:
-            y = swiglu_expert(g, x, gate, up, down, scope)
-        else:
-            y = quantized_swiglu_expert(g, x, gate, up, down, scope, bits, block_size)
+        y = self.expert_mlp(g, x, layer, expert, bits, block_size)
         # The runtime compares these with the manifest entry when it loads the expert.
         g.metadata = {EXPERT_DTYPE_KEY: f"int{bits}" if bits else np.dtype(dtype).name.replace("float", "fp"),
                       EXPERT_BLOCK_SIZE_KEY: str(block_size) if bits else ""}
         g.output(y, "y", TensorProto.FLOAT, ["T", cfg.hidden_size])
         return g
+
+    def expert_mlp(self, g: GraphBuilder, x: str, layer: int, expert: int, bits: int | None,
+                   block_size: int | None) -> str:
+        """Build one expert's MLP for x [T, H] and return y [T, H]; families with another MLP override this."""
+        gate, up, down = self.expert_weights(layer, expert)
+        scope = f"/layers.{layer}/experts.{expert}"
+        if bits is None:
+            return swiglu_expert(g, x, gate, up, down, scope)
+        return quantized_swiglu_expert(g, x, gate, up, down, scope, bits, block_size)
 
 
 def bundle_relative(path: Path, bundle: Path) -> str:

@@ -83,9 +83,9 @@ class DeepseekV2(Architecture):
         return [layer >= first_moe for layer in range(num_layers)]
 
     def parse_config(self, config: dict, generation_config: dict) -> ArchConfig:
-        self.rope = parse_rope_scaling(config, self.default_rope_theta)
+        self.rope_scaling = parse_rope_scaling(config, self.default_rope_theta)
         # The base class reads only the default RoPE; this family adds YaRN on top.
-        plain_rope = {"rope_type": "default", "rope_theta": self.rope.rope_theta}
+        plain_rope = {"rope_type": "default", "rope_theta": self.rope_scaling.rope_theta}
         arch = super().parse_config({**config, "rope_parameters": plain_rope, "rope_scaling": None},
                                     generation_config)
         self.fp8_block = self._fp8_block_size(config)
@@ -112,7 +112,7 @@ class DeepseekV2(Architecture):
         if config.get("attention_bias"):
             arch.attention_bias = ("q_a_proj", "kv_a_proj", "o_proj")
         qk_head_dim = self.dims.qk_nope_head_dim + self.dims.qk_rope_head_dim
-        arch.attention_multiplier = qk_head_dim ** -0.5 * self.rope.softmax_scale_factor
+        arch.attention_multiplier = qk_head_dim ** -0.5 * self.rope_scaling.softmax_scale_factor
 
         # Informational only: the runtime sizes its cache from kv_cache.
         arch.head_dim, arch.num_key_value_heads = qk_head_dim, arch.num_attention_heads
@@ -227,7 +227,7 @@ class DeepseekV2(Architecture):
         self._check_attention_shapes(weights, layer)
         if self.interleaved:
             weights = deinterleave_rope_rows(weights, self.dims)
-        return mla_attention(g, x, position_ids, past_c_kv, past_k_pe, weights, self.dims, self.rope,
+        return mla_attention(g, x, position_ids, past_c_kv, past_k_pe, weights, self.dims, self.rope_scaling,
                              self.config.attention_multiplier, f"/layers.{layer}/attn")
 
     def _check_attention_shapes(self, weights: MlaWeights, layer: int) -> None:

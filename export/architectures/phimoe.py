@@ -132,8 +132,8 @@ class Phimoe(Architecture):
         weight, bias = self.tensor(role, layer), self.tensor(f"{role}_bias", layer)
         return layer_norm(g, x, weight, bias, self.config.rms_norm_eps, scope)
 
-    def rope(self, g: GraphBuilder, position_ids: str, scope: str) -> tuple[str, str]:
+    def rope_tables(self, g: GraphBuilder, position_ids: str, scope: str) -> tuple[str, str]:
         extra = self.config.extra
         if "rope_inv_freq" not in extra:
-            return super().rope(g, position_ids, scope)
+            return super().rope_tables(g, position_ids, scope)
         return scaled_rope_tables(g, position_ids, extra["rope_inv_freq"], extra["rope_mscale"], scope)
