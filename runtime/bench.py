@@ -32,7 +32,7 @@ CHILD_TIMEOUT_SECONDS = 3600
 
 @dataclass
 class BenchConfig:
-    bundle: str
+    bundles: list[str]  # measured side by side: every budget and mode runs on each in turn
     budgets: list[str]
     modes: list[str]
     prompts: list[str]
@@ -43,6 +43,7 @@ class BenchConfig:
     gguf: str | None = None
     threads: int = 0
     notes: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (bundle, budget) pairs not run
 
 
 # Page cache and memory cgroups
@@ -89,8 +90,8 @@ class MemoryCgroup:
 # Running
 
 
-def run_once(config: BenchConfig, mode: str, budget: str, cgroup: MemoryCgroup | None) -> dict:
-    child = {"bundle": config.bundle, "mode": mode, "budget": budget, "prompts": config.prompts,
+def run_once(config: BenchConfig, bundle: str, mode: str, budget: str, cgroup: MemoryCgroup | None) -> dict:
+    child = {"bundle": bundle, "mode": mode, "budget": budget, "prompts": config.prompts,
              "max_tokens": config.max_tokens, "threads": config.threads, "gguf": config.gguf}
     command = [sys.executable, "-m", "edgemoe.runtime.bench_run", json.dumps(child)]
     try:
@@ -125,7 +126,7 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def run_bench(config: BenchConfig, progress=print) -> dict:
-    """Run every (budget, mode) `repeat` times; return {"config", "results": [...]}."""
+    """Run every (budget, bundle, mode) `repeat` times; return {"config", "results": [...]}."""
     cgroup = None
     if config.memory_cap:
         cap = parse_size(config.memory_cap)
@@ -136,24 +137,32 @@ def run_bench(config: BenchConfig, progress=print) -> dict:
             config.notes.append(f"memory cap not applied: {exc}")
     drop_note = None
     results = []
+    labels = bundle_labels(config.bundles)
     try:
         for budget in config.budgets:
-            for mode in config.modes:
-                if mode in ("all-in-ram", "llama.cpp") and budget != config.budgets[0]:
-                    continue  # independent of the expert budget: measured once
-                runs = []
-                for repeat in range(config.repeat):
-                    if config.drop_caches:
-                        drop_note = drop_page_cache() or drop_note
-                    started = time.perf_counter()
-                    runs.append(run_once(config, mode, budget, cgroup))
-                    rate = runs[-1].get("decode_tokens_per_second")
-                    outcome = f"{rate:.1f} tok/s" if rate is not None else f"error: {runs[-1].get('error')}"
-                    label = "-" if mode in ("all-in-ram", "llama.cpp") else budget
-                    progress(f"{mode} @ {label} run {repeat + 1}/{config.repeat}: {outcome} "
-                             f"({time.perf_counter() - started:.1f} s)")
-                budget_label = "-" if mode in ("all-in-ram", "llama.cpp") else budget
-                results.append({"mode": mode, "budget": budget_label, **summarize(runs)})
+            for bundle in config.bundles:
+                if (bundle, budget) in config.skipped:
+                    continue
+                for mode in config.modes:
+                    independent = mode in ("all-in-ram", "llama.cpp")
+                    if independent and budget != config.budgets[0]:
+                        continue  # independent of the expert budget: measured once
+                    if mode == "llama.cpp" and bundle != config.bundles[0]:
+                        continue  # runs the GGUF file, whichever bundle
+                    budget_label = "-" if independent else budget
+                    runs = []
+                    for repeat in range(config.repeat):
+                        if config.drop_caches:
+                            drop_note = drop_page_cache() or drop_note
+                        started = time.perf_counter()
+                        runs.append(run_once(config, bundle, mode, budget, cgroup))
+                        rate = runs[-1].get("decode_tokens_per_second")
+                        outcome = f"{rate:.1f} tok/s" if rate is not None else f"error: {runs[-1].get('error')}"
+                        where = f"{labels[bundle]} " if len(config.bundles) > 1 else ""
+                        progress(f"{where}{mode} @ {budget_label} run {repeat + 1}/{config.repeat}: {outcome} "
+                                 f"({time.perf_counter() - started:.1f} s)")
+                    results.append({"bundle": labels[bundle], "mode": mode, "budget": budget_label,
+                                    **summarize(runs)})
     finally:
         if cgroup is not None:
             cgroup.remove()
@@ -167,17 +176,26 @@ def run_bench(config: BenchConfig, progress=print) -> dict:
 # Reporting
 
 
+def bundle_labels(bundles: list[str]) -> dict[str, str]:
+    """Short name of each bundle for tables: its directory name, or the whole path when two share it."""
+    names = [Path(b).name for b in bundles]
+    return {b: name if names.count(name) == 1 else b for b, name in zip(bundles, names)}
+
+
 def format_table(report: dict) -> str:
-    header = ("mode", "budget", "decode tok/s (min-max)", "TTFT s", "hit rate", "recall", "stall ms/tok",
-              "read MB/tok", "peak RSS")
+    several = len(report["config"]["bundles"]) > 1
+    header = (("bundle",) if several else ()) + (
+        "mode", "budget", "decode tok/s (min-max)", "TTFT s", "hit rate", "recall", "stall ms/tok",
+        "read MB/tok", "peak RSS")
     rows = [header]
     for r in report["results"]:
+        first = (r["bundle"],) if several else ()
         if "error" in r:
-            rows.append((r["mode"], r["budget"], "error: " + r["error"], "", "", "", "", "", ""))
+            rows.append(first + (r["mode"], r["budget"], "error: " + r["error"], "", "", "", "", "", ""))
             continue
         tps, ttft = r["decode_tokens_per_second"], r["time_to_first_token"]
         recall = r["recall"].get(r["predictor"]) if r.get("predictor") else None
-        rows.append((
+        rows.append(first + (
             r["mode"], r["budget"], f"{tps['median']:.1f} ({tps['min']:.1f}-{tps['max']:.1f})",
             f"{ttft['median']:.3f}", _fmt(r.get("hit_rate"), "{:.2f}"), _fmt(recall, "{:.2f}"),
             _fmt(r.get("stall_seconds_per_token"), "{:.1f}", 1000), _fmt(r.get("bytes_read_per_token"), "{:.1f}", 1e-6),
@@ -205,17 +223,19 @@ def plot(report: dict, path: str) -> None:
     except ImportError as exc:
         raise RuntimeError(f"--plot needs matplotlib ({exc}); pip install matplotlib") from None
     figure, (speed, hits) = plt.subplots(1, 2, figsize=(11, 4))
-    modes = sorted({r["mode"] for r in report["results"] if "error" not in r})
+    several = len(report["config"]["bundles"]) > 1
+    lines = sorted({(r["bundle"], r["mode"]) for r in report["results"] if "error" not in r})
     budgets = report["config"]["budgets"]
-    for mode in modes:
-        rows = [r for r in report["results"] if r["mode"] == mode and "error" not in r]
+    for bundle, mode in lines:
+        rows = [r for r in report["results"] if (r["bundle"], r["mode"]) == (bundle, mode) and "error" not in r]
+        label = f"{bundle} {mode}" if several else mode
         if rows and rows[0]["budget"] == "-":
-            speed.axhline(rows[0]["decode_tokens_per_second"]["median"], linestyle="--", label=mode)
+            speed.axhline(rows[0]["decode_tokens_per_second"]["median"], linestyle="--", label=label)
             continue
         xs = [b for b in budgets if any(r["budget"] == b for r in rows)]
         by_budget = {r["budget"]: r for r in rows}
-        speed.plot(xs, [by_budget[b]["decode_tokens_per_second"]["median"] for b in xs], marker="o", label=mode)
-        hits.plot(xs, [by_budget[b]["hit_rate"] or 0 for b in xs], marker="o", label=mode)
+        speed.plot(xs, [by_budget[b]["decode_tokens_per_second"]["median"] for b in xs], marker="o", label=label)
+        hits.plot(xs, [by_budget[b]["hit_rate"] or 0 for b in xs], marker="o", label=label)
     speed.set(xlabel="expert budget", ylabel="decode tokens/s", title="decode speed")
     hits.set(xlabel="expert budget", ylabel="expert hit rate", title="expert cache hit rate", ylim=(0, 1))
     speed.legend()

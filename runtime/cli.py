@@ -103,7 +103,9 @@ def add_bench_parser(subparsers) -> None:
                     "stall time and bytes read per token, and peak RSS for each mode and expert budget, "
                     "each run in a fresh process. Modes: all-in-ram, on-demand, lru, edgemoe, "
                     "edgemoe:PREDICTOR:POLICY, llama.cpp (needs --gguf and llama-cpp-python).")
-    bench.add_argument("bundle", nargs="?", default=None, help="bundle directory (default: the demo model)")
+    bench.add_argument("bundles", nargs="*", metavar="bundle",
+                       help="bundle directories, measured side by side, such as exports of one checkpoint at "
+                            "different --expert-bits (default: the demo model)")
     bench.add_argument("--budgets", default="100%,50%,25%,12%",
                        help="comma-separated expert budgets (default 100%%,50%%,25%%,12%%)")
     bench.add_argument("--modes", default="all-in-ram,on-demand,lru,edgemoe",
@@ -131,21 +133,23 @@ def run_bench_command(args) -> int:
     from edgemoe.runtime.loading import resolve_bundle
     from edgemoe.runtime.manifest import load_manifest
 
-    bundle = resolve_bundle(args.bundle)
-    manifest = load_manifest(bundle)
+    bundles = [str(resolve_bundle(b)) for b in (args.bundles or [None])]
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
     if not budgets:
         raise ValueError("--budgets is empty; give sizes or percentages such as 100%,25%")
-    notes = []
-    for budget in list(budgets):
-        size = parse_size(budget, total=manifest.expert_bytes)
-        if size < manifest.min_expert_budget:
-            budgets.remove(budget)
-            notes.append(f"budget {budget} skipped: {size} bytes is below this model's minimum of "
-                         f"{manifest.min_expert_budget} bytes (one layer's top-k experts)")
+    notes, skipped = [], []
+    for bundle in bundles:
+        manifest = load_manifest(bundle)
+        for budget in budgets:
+            size = parse_size(budget, total=manifest.expert_bytes)
+            if size < manifest.min_expert_budget:
+                skipped.append((bundle, budget))
+                where = f" for {bundle}" if len(bundles) > 1 else ""
+                notes.append(f"budget {budget} skipped{where}: {size} bytes is below this model's minimum of "
+                             f"{manifest.min_expert_budget} bytes (one layer's top-k experts)")
+    budgets = [b for b in budgets if any((bundle, b) not in skipped for bundle in bundles)]
     if not budgets:
-        raise ValueError(f"every --budgets value is below this model's minimum expert budget of "
-                         f"{manifest.min_expert_budget} bytes; " + "; ".join(notes))
+        raise ValueError("every --budgets value is below the minimum expert budget: " + "; ".join(notes))
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes:
         raise ValueError("--modes is empty; give modes such as lru,edgemoe")
@@ -173,9 +177,10 @@ def run_bench_command(args) -> int:
         prompts = [line.strip() for line in _read_text(args.prompts, "--prompts").splitlines() if line.strip()]
         if not prompts:
             raise ValueError(f"--prompts {args.prompts} has no non-empty line")
-    config = BenchConfig(bundle=str(bundle), budgets=budgets, modes=modes, prompts=prompts,
+    config = BenchConfig(bundles=bundles, budgets=budgets, modes=modes, prompts=prompts,
                          max_tokens=args.max_tokens, repeat=args.repeat, drop_caches=args.drop_caches,
-                         memory_cap=args.memory_cap, gguf=args.gguf, threads=args.threads, notes=notes)
+                         memory_cap=args.memory_cap, gguf=args.gguf, threads=args.threads, notes=notes,
+                         skipped=skipped)
     report = run_bench(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_table(report))
     if args.json:

@@ -4,6 +4,7 @@ Invariants checked:
 - `edgemoe bench` on the tiny bundle with two budgets and five modes exits 0 and prints a table
   row for every mode (all-in-ram once, the others per budget). Its JSON results have decode
   tokens/s median, min and max, hit rate and recall, and no errors.
+- With two bundles, every mode and budget runs on each, and the table and JSON name the bundle.
 - An unknown mode, and llama.cpp without --gguf, fail with one `edgemoe: error:` line and a
   non-zero exit status.
 - `--memory-cap 1GB` either applies, with a note naming the cgroup, which is removed afterwards,
@@ -235,3 +236,17 @@ def test_bench_rejects_unknown_predictor_in_mode(tiny_bundle, run_cli):
 
     line = assert_one_line_error(completed)
     assert "'bogus'" in line
+
+
+def test_bench_compares_bundles_side_by_side(tiny_bundle, bundle_path, run_cli, tmp_path):
+    other = bundle_path("tiny-olmoe")
+    out = tmp_path / "two.json"
+    completed = run_cli(["bench", tiny_bundle, other, "--budgets", "100%", "--modes", "lru", *SMALL_BENCH,
+                         "--json", out])
+
+    assert completed.returncode == 0, completed.stderr
+    header = completed.stdout.splitlines()[0].split()
+    assert header[:3] == ["bundle", "mode", "budget"]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["bundle"], r["mode"]) for r in rows] == [(Path(tiny_bundle).name, "lru"), (Path(other).name, "lru")]
+    assert all(r["decode_tokens_per_second"]["median"] > 0 for r in rows)
