@@ -12,6 +12,11 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("out", help="bundle directory to create")
     parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
                         help="storage precision of the weights (default fp32)")
+    parser.add_argument("--dense-dtype", choices=["fp32", "fp16", "int8"], default=None,
+                        help="precision of the resident weights (attention, shared experts, dense layers' "
+                             "MLPs, LM head): int8 stores their linear weights as 8-bit integers with one "
+                             "float32 scale per block, while routers, norms and the embedding table stay float "
+                             "(default: the --dtype precision)")
     parser.add_argument("--expert-bits", choices=["16", "8", "4", "2", "auto"], default=None,
                         help="precision of the routed experts: 16 stores fp16, 8, 4 and 2 store integers with "
                              "one float32 scale per block (2 also with a zero point), auto picks a width per "
@@ -23,8 +28,8 @@ def add_parsers(subparsers) -> None:
                         help="with --expert-bits auto: UTF-8 text to measure perplexity on, in the style of "
                              "the model's use (default: built-in stories sampled from the demo model)")
     parser.add_argument("--block-size", type=int, choices=[16, 32, 64, 128, 256], default=32,
-                        help="weights per quantization scale, along each expert projection's input axis, "
-                             "for --expert-bits 8, 4 and 2 (default 32)")
+                        help="weights per quantization scale, along each projection's input axis, "
+                             "for --expert-bits 8, 4 and 2 and --dense-dtype int8 (default 32)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle at OUT")
     parser.add_argument("--profile-text", metavar="FILE", default=None,
                         help="after exporting, record the routing profile on this UTF-8 calibration text "
@@ -78,7 +83,8 @@ def run_export(args) -> int:
         else int(args.expert_bits)
     summary = export_checkpoint(args.source, args.out, dtype=args.dtype, overwrite=args.overwrite,
                                 progress=sys.stderr.isatty(), expert_bits=bits, block_size=args.block_size,
-                                quality_budget=args.quality_budget, calibration=args.calibration)
+                                quality_budget=args.quality_budget, calibration=args.calibration,
+                                dense_dtype=args.dense_dtype)
     print(summary.describe())
     if args.expert_bits == "auto":
         from edgemoe.runtime.manifest import load_manifest

@@ -15,6 +15,7 @@ so attention works in the R-wide latent space and a decode step costs O(N * S * 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -73,13 +74,16 @@ def deinterleave_rope_rows(weights: MlaWeights, dims: MlaDims) -> MlaWeights:
 
 def mla_attention(g: GraphBuilder, x: str, position_ids: str, past_c_kv: str, past_k_pe: str,
                   weights: MlaWeights, dims: MlaDims, rope: RopeScaling, scale: float,
-                  scope: str) -> tuple[str, str, str]:
+                  scope: str, project: Callable[..., str] = linear) -> tuple[str, str, str]:
     """Causal multi-head latent attention of x [T, H] after the cached tokens.
 
     Args:
         past_c_kv: [P, R] normalized latents; past_k_pe: [P, Dr] rotated shared keys.
         weights: with the rotary rows in half-split order (see deinterleave_rope_rows).
         scale: factor on q·k before the softmax.
+        project: maker of the q, kv_a and o projections, called as linear is (g, x, weight,
+            scope, bias); Architecture.dense_linear quantizes them. kv_b_proj is folded into
+            batched per-head MatMuls, which MatMulNBits cannot take, so it stays float.
 
     Returns:
         The output [T, H] after o_proj, and the cache tensors c_kv [S, R] and k_pe [S, Dr].
@@ -87,16 +91,16 @@ def mla_attention(g: GraphBuilder, x: str, position_ids: str, past_c_kv: str, pa
     n, nope, rot, dv, rank = (dims.num_heads, dims.qk_nope_head_dim, dims.qk_rope_head_dim,
                               dims.v_head_dim, dims.kv_lora_rank)
     if weights.q_a is None:
-        q = linear(g, x, weights.q, f"{scope}/q_proj")                                  # [T, N*(Dn+Dr)]
+        q = project(g, x, weights.q, f"{scope}/q_proj")                                  # [T, N*(Dn+Dr)]
     else:
-        q = linear(g, x, weights.q_a, f"{scope}/q_a_proj", weights.q_a_bias)           # [T, Rq]
+        q = project(g, x, weights.q_a, f"{scope}/q_a_proj", weights.q_a_bias)           # [T, Rq]
         q = rms_norm(g, q, weights.q_a_norm, LATENT_NORM_EPS, f"{scope}/q_a_layernorm")
-        q = linear(g, q, weights.q, f"{scope}/q_b_proj")                                # [T, N*(Dn+Dr)]
+        q = project(g, q, weights.q, f"{scope}/q_b_proj")                                # [T, N*(Dn+Dr)]
     q = g.op("Transpose", [reshape(g, q, [0, n, nope + rot], scope)], scope, perm=[1, 0, 2])  # [N, T, Dn+Dr]
     q_split = g.const(f"{scope}/q_split", np.array([nope, rot], np.int64))
     q_nope, q_pe = g.op("Split", [q, q_split], scope, num_outputs=2, axis=-1)           # [N,T,Dn], [N,T,Dr]
 
-    kv = linear(g, x, weights.kv_a, f"{scope}/kv_a_proj_with_mqa", weights.kv_a_bias)  # [T, R+Dr]
+    kv = project(g, x, weights.kv_a, f"{scope}/kv_a_proj_with_mqa", weights.kv_a_bias)  # [T, R+Dr]
     kv_split = g.const(f"{scope}/kv_split", np.array([rank, rot], np.int64))
     c_kv, k_pe = g.op("Split", [kv, kv_split], scope, num_outputs=2, axis=-1)           # [T, R], [T, Dr]
     c_kv = rms_norm(g, c_kv, weights.kv_a_norm, LATENT_NORM_EPS, f"{scope}/kv_a_layernorm")
@@ -129,7 +133,7 @@ def mla_attention(g: GraphBuilder, x: str, position_ids: str, past_c_kv: str, pa
     out = g.op("MatMul", [context, w_uv], scope)                                        # [N, T, Dv]
     out = g.op("Transpose", [out], scope, perm=[1, 0, 2])                               # [T, N, Dv]
     out = reshape(g, out, [0, n * dv], scope)                                           # [T, N*Dv]
-    out = linear(g, out, weights.o, f"{scope}/o_proj", weights.o_bias)                  # [T, H]
+    out = project(g, out, weights.o, f"{scope}/o_proj", weights.o_bias)                  # [T, H]
     return out, all_c_kv, all_k_pe
 
 

@@ -28,6 +28,10 @@ from edgemoe.runtime.manifest import (FORMAT_VERSION, MANIFEST_NAME, ExpertEntry
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16)}
+# --dense-dtype values: fp32 and fp16 store the resident weights as floats, int8 stores their
+# linear weights as blocked 8-bit integers (routers, norms and the embedding table stay float).
+DENSE_DTYPES = ("fp32", "fp16", "int8")
+DENSE_BITS = {"int8": 8}
 # Heap memory of one expert session beyond its weights: about 150 KB measured for the demo
 # model's experts (H=192, I=384) with onnxruntime 1.32 on x86_64, rounded up.
 SESSION_OVERHEAD_BYTES = 160 * 1024
@@ -55,7 +59,8 @@ class ExportSummary:
     bundle: str
     architecture: str
     dtype: str
-    expert_dtype: str  # "fp32", "fp16", "int8" or "int4"
+    expert_dtype: str  # "fp32", "fp16", "int8", "int4", "int2" or "auto"
+    dense_dtype: str  # "fp32", "fp16" or "int8"
     layers: int
     moe_layers: int  # layers with routed experts; the others are dense MLP layers
     experts_per_layer: int  # routed experts of each MoE layer
@@ -70,7 +75,12 @@ class ExportSummary:
             shape = f"{self.layers} layers x {self.experts_per_layer} experts"
         else:
             shape = f"{self.layers} layers ({self.moe_layers} MoE x {self.experts_per_layer} experts)"
-        dtypes = self.dtype if self.expert_dtype == self.dtype else f"{self.dtype}, experts {self.expert_dtype}"
+        parts = [self.dtype]
+        if self.dense_dtype != self.dtype:
+            parts.append(f"dense {self.dense_dtype}")
+        if self.expert_dtype != self.dtype:
+            parts.append(f"experts {self.expert_dtype}")
+        dtypes = ", ".join(parts)
         return (f"exported {self.architecture} ({dtypes}) to {self.bundle}: {shape}; dense "
                 f"{self.dense_bytes / mb:.1f} MB, experts {self.expert_bytes / mb:.1f} MB; {self.seconds:.1f} s")
 
@@ -78,18 +88,24 @@ class ExportSummary:
 def export_checkpoint(source: str | Path, out: str | Path, dtype: str = "fp32",
                       overwrite: bool = False, progress: bool = True, expert_bits: int | str | None = None,
                       block_size: int = DEFAULT_BLOCK_SIZE, quality_budget: float = DEFAULT_QUALITY_BUDGET,
-                      calibration: str | Path | None = None) -> ExportSummary:
+                      calibration: str | Path | None = None, dense_dtype: str | None = None) -> ExportSummary:
     """Export a Hugging Face MoE checkpoint directory to an edgemoe bundle.
 
     Args:
         source: checkpoint directory (config.json, safetensors weights, tokenizer.json).
         out: bundle directory to create.
         dtype: storage precision of the weights, "fp32" or "fp16".
+        dense_dtype: precision of the resident weights (attention, shared experts, dense
+            layers' MLPs, LM head, embedding table): None (same as `dtype`), "fp32", "fp16" or
+            "int8". int8 stores the linear weights as 8-bit integers with one float32 scale per
+            `block_size` inputs. The embedding table, routers, norms and biases stay float,
+            in `dtype`'s precision, and biases in float32.
         expert_bits: precision of the routed experts: None (same as `dtype`), 16 (fp16), 8, 4 or 2
             (blocked integers with one float32 scale per `block_size` inputs, and for 2 bits an
             integer zero point per block).
             "auto" picks fp16, 8, 4 or 2 bits per expert on the `calibration` text (see auto_bits).
-        block_size: values per quantization scale, a power of 2 from 16 to 256.
+        block_size: values per quantization scale, a power of 2 from 16 to 256, for integer
+            experts and int8 dense weights.
         quality_budget: with "auto", the allowed calibration perplexity increase over uniform
             fp16, as a fraction (0.02 is 2 %).
         calibration: with "auto", a UTF-8 text file to measure perplexity on (default: the
@@ -105,6 +121,9 @@ def export_checkpoint(source: str | Path, out: str | Path, dtype: str = "fp32",
     started = time.perf_counter()
     if dtype not in DTYPES:
         raise ValueError(f"invalid dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    dense_dtype = dtype if dense_dtype is None else dense_dtype
+    if dense_dtype not in DENSE_DTYPES:
+        raise ValueError(f"invalid dense dtype {dense_dtype!r}; choose one of {', '.join(DENSE_DTYPES)}")
     if expert_bits is not None and expert_bits not in (*EXPERT_BITS, "auto"):
         raise ValueError(f"invalid expert bits {expert_bits!r}; choose one of "
                          f"{', '.join(map(str, EXPERT_BITS))} or auto")
@@ -123,6 +142,8 @@ def export_checkpoint(source: str | Path, out: str | Path, dtype: str = "fp32",
                               "fast-tokenizer file that Hugging Face tokenizers save")
     arch = architecture_for(checkpoint)
     arch.check_tensors()
+    arch.dense_bits = DENSE_BITS.get(dense_dtype)
+    arch.dense_block_size = block_size if arch.dense_bits else None
 
     # One partial directory per process, so two exports to the same OUT never mix their files.
     partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
@@ -130,7 +151,7 @@ def export_checkpoint(source: str | Path, out: str | Path, dtype: str = "fp32",
     partial.mkdir(parents=True)
     try:
         manifest = _write_bundle(arch, checkpoint, partial, dtype, expert_format, progress,
-                                 block_size=block_size, auto=auto)
+                                 block_size=block_size, auto=auto, dense_dtype=dense_dtype)
         if out.exists():
             shutil.rmtree(out, ignore_errors=True)
         try:
@@ -148,6 +169,7 @@ def export_checkpoint(source: str | Path, out: str | Path, dtype: str = "fp32",
     expert_files = {e.file for e in manifest.experts} | {e.data_file for e in manifest.experts}
     summary = ExportSummary(
         bundle=str(out), architecture=arch.model_type, dtype=dtype, expert_dtype=expert_format.dtype,
+        dense_dtype=dense_dtype,
         layers=cfg.num_hidden_layers,
         moe_layers=sum(arch.config.moe_layers), experts_per_layer=cfg.num_experts,
         dense_bytes=manifest.dense_bytes,
@@ -215,9 +237,12 @@ def _check_output(source: Path, out: Path, overwrite: bool) -> None:
 
 
 def _write_bundle(arch, checkpoint: Checkpoint, bundle: Path, dtype: str, expert_format: ExpertFormat,
-                  progress: bool, block_size: int = DEFAULT_BLOCK_SIZE, auto: AutoRequest | None = None) -> Manifest:
+                  progress: bool, block_size: int = DEFAULT_BLOCK_SIZE, auto: AutoRequest | None = None,
+                  dense_dtype: str | None = None) -> Manifest:
     cfg = arch.config
-    np_dtype = DTYPES[dtype]
+    dense_dtype = dense_dtype or dtype
+    # Float storage of the dense graphs; with int8 it applies to what stays float.
+    np_dtype = DTYPES.get(dense_dtype, DTYPES[dtype])
     (bundle / "layers").mkdir()
     (bundle / "experts").mkdir()
     # With auto, every expert is written at every candidate width; the unchosen files are removed.
@@ -262,7 +287,7 @@ def _write_bundle(arch, checkpoint: Checkpoint, bundle: Path, dtype: str, expert
         format_version=FORMAT_VERSION, architecture=arch.model_type, dtype=dtype,
         config=cfg.runtime_config(),
         graphs={"embed": "embed.onnx", "layers": layer_paths, "head": head_path.name},
-        experts=experts, files=files, tokenizer=tokenizer,
+        experts=experts, files=files, tokenizer=tokenizer, dense_dtype=dense_dtype,
         source={"checkpoint": str(checkpoint.directory.resolve()),
                 "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}})
     (bundle / MANIFEST_NAME).write_text(manifest.to_json())

@@ -127,8 +127,13 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)
     # With --expert-bits auto: budget, calibration text and the measured perplexities.
     quantization: dict[str, Any] | None = None
+    # Precision of the resident linear weights: "fp32", "fp16" or "int8". Bundles written before
+    # this field existed stored them at `dtype`, which None stands for until __post_init__.
+    dense_dtype: str | None = None
 
     def __post_init__(self):
+        if self.dense_dtype is None:
+            self.dense_dtype = self.dtype
         # Not a dataclass field, so to_json leaves it out.
         self._experts_by_key = {(e.layer, e.index): e for e in self.experts}
 
@@ -217,6 +222,7 @@ def load_manifest(bundle_dir: str | os.PathLike) -> Manifest:
             routing_profile=raw.get("routing_profile"),
             source=raw.get("source", {}),
             quantization=raw.get("quantization"),
+            dense_dtype=raw.get("dense_dtype"),
         )
     except (KeyError, TypeError) as exc:
         raise BundleError(f"invalid {path}: missing or unexpected field {exc}") from exc

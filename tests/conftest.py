@@ -67,15 +67,16 @@ def isolated_cache_dir(tmp_path_factory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def bundle_path(tmp_path_factory):
-    """Return a function (model, dtype) -> bundle directory that exports each pair once."""
+    """Return a function (model, dtype, dense_dtype=None) -> bundle directory that exports each
+    combination once; dense_dtype None keeps the dense weights at `dtype`."""
     root = tmp_path_factory.mktemp("bundles")
-    exported: dict[tuple[str, str], Path] = {}
+    exported: dict[tuple[str, str, str | None], Path] = {}
 
-    def get(model: str, dtype: str = "fp32") -> Path:
-        key = (model, dtype)
+    def get(model: str, dtype: str = "fp32", dense_dtype: str | None = None) -> Path:
+        key = (model, dtype, dense_dtype)
         if key not in exported:
-            out = root / f"{model}-{dtype}"
-            export_checkpoint(checkpoint_dir(model), out, dtype=dtype, progress=False)
+            out = root / f"{model}-{dtype}" if dense_dtype is None else root / f"{model}-{dtype}-dense-{dense_dtype}"
+            export_checkpoint(checkpoint_dir(model), out, dtype=dtype, progress=False, dense_dtype=dense_dtype)
             exported[key] = out
         return exported[key]
 

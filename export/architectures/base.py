@@ -4,6 +4,10 @@ graphs (embedding, one dense graph per layer, one graph per expert, final norm +
 A family module subclasses `Architecture`, sets `model_type` and its name table, and overrides
 only what differs (config fields, q/k norms, routing details, shared experts, fused experts).
 
+Every dense linear weight (attention projections, shared experts, dense layers' MLPs, LM head)
+goes through `dense_linear` or `dense_swiglu`, so `dense_bits` (`--dense-dtype int8`) reaches
+every family. Routers, norms and other small tensors stay float.
+
 Everything that runs for every token stays in the dense layer graph: attention, the router, a
 dense layer's MLP and a shared expert. Only routed experts get their own graphs, so only they
 count against the runtime's expert budget.
@@ -19,7 +23,7 @@ import numpy as np
 from onnx import TensorProto
 
 from edgemoe.export.checkpoint import Checkpoint, CheckpointError
-from edgemoe.export.layers import (apply_rope, causal_attention, linear, reshape, rms_norm,
+from edgemoe.export.layers import (apply_rope, causal_attention, linear, quantized_linear, reshape, rms_norm,
                                    quantized_swiglu_expert, rope_tables, swiglu_expert)
 from edgemoe.export.onnx_graph import GraphBuilder
 from edgemoe.runtime.manifest import EXPERT_BLOCK_SIZE_KEY, EXPERT_DTYPE_KEY, ModelConfig
@@ -139,6 +143,10 @@ class Architecture:
     def __init__(self, checkpoint: Checkpoint):
         self.checkpoint = checkpoint
         self.config = self.parse_config(checkpoint.config, checkpoint.generation_config)
+        # Bits of the dense linear weights: None keeps them float (the graph builder's dtype),
+        # 8 makes them MatMulNBits with one float32 scale per `dense_block_size` inputs.
+        self.dense_bits: int | None = None
+        self.dense_block_size: int | None = None
 
     # Config
 
@@ -278,15 +286,22 @@ class Architecture:
         g = GraphBuilder("head", dtype)
         hidden = g.input("hidden", TensorProto.FLOAT, ["T", cfg.hidden_size])
         normed = self.norm(g, hidden, "final_norm", None, "/norm")
-        if cfg.tie_word_embeddings:
-            # Gemm with transB reads the [V, H] embedding table in place: no second copy on storage.
-            table = g.shared_weight("embed_tokens.weight", self.tensor("embed"), embed_location, embed_offset)
+        bias = self.tensor("lm_head_bias") if cfg.lm_head_bias else None
+        if self.dense_bits is not None:
+            # A tied head gets its own quantized copy of the table: the embedding's Gather
+            # reads the float table, and MatMulNBits needs the packed layout.
+            weight = self.tensor("embed" if cfg.tie_word_embeddings else "lm_head")
+            logits = self.dense_linear(g, normed, weight, "/lm_head", bias)                # [T, V]
         else:
-            table = g.weight("lm_head.weight", self.tensor("lm_head"))
-        inputs = [normed, table]
-        if cfg.lm_head_bias:
-            inputs.append(g.weight("lm_head.bias", self.tensor("lm_head_bias")))
-        logits = g.op("Gemm", inputs, "/lm_head", transB=1)
+            if cfg.tie_word_embeddings:
+                # Gemm with transB reads the [V, H] embedding table in place: no second copy on storage.
+                table = g.shared_weight("embed_tokens.weight", self.tensor("embed"), embed_location, embed_offset)
+            else:
+                table = g.weight("lm_head.weight", self.tensor("lm_head"))
+            inputs = [normed, table]
+            if bias is not None:
+                inputs.append(g.weight("lm_head.bias", bias))
+            logits = g.op("Gemm", inputs, "/lm_head", transB=1)                           # [T, V]
         if cfg.logits_scaling != 1.0:
             scaling = g.const("/lm_head/logits_scaling", np.array(cfg.logits_scaling, np.float32))
             logits = g.op("Div", [logits, scaling], "/lm_head")
@@ -350,12 +365,12 @@ class Architecture:
         cfg = self.config
         s = f"/layers.{layer}/attn"
         n, k, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q = linear(g, x, self.tensor("q_proj", layer), f"{s}/q_proj",
-                   self.bias("q_proj", layer))                                           # [T, N*D]
-        key = linear(g, x, self.tensor("k_proj", layer), f"{s}/k_proj",
-                     self.bias("k_proj", layer))                                         # [T, K*D]
-        value = linear(g, x, self.tensor("v_proj", layer), f"{s}/v_proj",
-                       self.bias("v_proj", layer))                                       # [T, K*D]
+        q = self.dense_linear(g, x, self.tensor("q_proj", layer), f"{s}/q_proj",
+                              self.bias("q_proj", layer))                                # [T, N*D]
+        key = self.dense_linear(g, x, self.tensor("k_proj", layer), f"{s}/k_proj",
+                                self.bias("k_proj", layer))                              # [T, K*D]
+        value = self.dense_linear(g, x, self.tensor("v_proj", layer), f"{s}/v_proj",
+                                  self.bias("v_proj", layer))                            # [T, K*D]
         if self.qk_norm == "full":
             q = rms_norm(g, q, self.tensor("q_norm", layer), cfg.rms_norm_eps, f"{s}/q_norm")
             key = rms_norm(g, key, self.tensor("k_norm", layer), cfg.rms_norm_eps, f"{s}/k_norm")
@@ -380,8 +395,8 @@ class Architecture:
 
         out, all_k, all_v = causal_attention(g, q, key, value, past_k, past_v, n, k, d, s,
                                              scale=cfg.attention_multiplier, **self.attention_options(layer))
-        out = linear(g, out, self.tensor("o_proj", layer), f"{s}/o_proj",
-                     self.bias("o_proj", layer))                                         # [T, H]
+        out = self.dense_linear(g, out, self.tensor("o_proj", layer), f"{s}/o_proj",
+                                self.bias("o_proj", layer))                              # [T, H]
         return out, all_k, all_v
 
     def rope_tables(self, g: GraphBuilder, position_ids: str, scope: str) -> tuple[str, str]:
@@ -393,8 +408,33 @@ class Architecture:
         return {}
 
     def router_logits(self, g: GraphBuilder, x: str, layer: int, scope: str) -> str:
-        """Router logits [T, E] of `layer` for x [T, H]."""
+        """Router logits [T, E] of `layer` for x [T, H].
+
+        Never quantized: the logits choose the top-k experts, so rounding them could swap close
+        choices, and a router is only E x H.
+        """
         return linear(g, x, self.tensor("router", layer), scope)
+
+    def dense_linear(self, g: GraphBuilder, x: str, weight: np.ndarray, scope: str,
+                     bias: np.ndarray | None = None) -> str:
+        """y = x @ weight.T (+ bias) for a resident weight [out, in], at the dense precision.
+
+        With `dense_bits` the weight becomes a MatMulNBits node (accuracy_level 4) and the bias
+        stays float32. Otherwise both are stored in the graph builder's dtype.
+        """
+        if self.dense_bits is None:
+            return linear(g, x, weight, scope, bias)
+        y = quantized_linear(g, x, weight, scope, self.dense_bits, self.dense_block_size)
+        if bias is not None:
+            y = g.op("Add", [y, g.raw_weight(f"{scope}.bias", np.asarray(bias, np.float32))], scope)
+        return y
+
+    def dense_swiglu(self, g: GraphBuilder, x: str, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
+                     scope: str) -> str:
+        """Build a SwiGLU MLP that every token runs (dense layer, shared expert) at the dense precision."""
+        if self.dense_bits is None:
+            return swiglu_expert(g, x, gate, up, down, scope)
+        return quantized_swiglu_expert(g, x, gate, up, down, scope, self.dense_bits, self.dense_block_size)
 
     def bias(self, projection: str, layer: int) -> np.ndarray | None:
         """Return the bias of an attention projection, or None when the config gives it none."""
@@ -411,7 +451,7 @@ class Architecture:
         if self.config.moe_layers[layer]:
             return None
         gate, up, down = (self.tensor(role, layer) for role in ("mlp_gate", "mlp_up", "mlp_down"))
-        return swiglu_expert(g, x, gate, up, down, f"/layers.{layer}/mlp")              # [T, H]
+        return self.dense_swiglu(g, x, gate, up, down, f"/layers.{layer}/mlp")          # [T, H]
 
     def build_expert(self, layer: int, expert: int, dtype: np.dtype, bits: int | None = None,
                      block_size: int | None = None) -> GraphBuilder:

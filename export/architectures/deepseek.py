@@ -35,7 +35,6 @@ import numpy as np
 
 from edgemoe.export.architectures.base import Architecture, ArchConfig, UnsupportedConfigError
 from edgemoe.export.checkpoint import CheckpointError
-from edgemoe.export.layers import swiglu_expert
 from edgemoe.export.mla import MlaDims, MlaWeights, deinterleave_rope_rows, mla_attention, mla_cache_tensors
 from edgemoe.export.onnx_graph import GraphBuilder
 from edgemoe.export.rope_scaling import RopeScaling, parse_rope_scaling
@@ -228,7 +227,7 @@ class DeepseekV2(Architecture):
         if self.interleaved:
             weights = deinterleave_rope_rows(weights, self.dims)
         return mla_attention(g, x, position_ids, past_c_kv, past_k_pe, weights, self.dims, self.rope_scaling,
-                             self.config.attention_multiplier, f"/layers.{layer}/attn")
+                             self.config.attention_multiplier, f"/layers.{layer}/attn", project=self.dense_linear)
 
     def _check_attention_shapes(self, weights: MlaWeights, layer: int) -> None:
         d, hidden = self.dims, self.config.hidden_size
@@ -251,7 +250,7 @@ class DeepseekV2(Architecture):
         if not self.config.shared_expert_intermediate_size:
             return None
         gate, up, down = (self.tensor(role, layer) for role in ("shared_gate", "shared_up", "shared_down"))
-        return swiglu_expert(g, x, gate, up, down, f"/layers.{layer}/shared_experts")  # [T, H]
+        return self.dense_swiglu(g, x, gate, up, down, f"/layers.{layer}/shared_experts")  # [T, H]
 
 
 class DeepseekV3(DeepseekV2):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from edgemoe.export.architectures.base import Architecture, ArchConfig, UnsupportedConfigError
 from edgemoe.export.checkpoint import CheckpointError
-from edgemoe.export.layers import linear, swiglu_expert
+from edgemoe.export.layers import linear
 from edgemoe.export.onnx_graph import GraphBuilder
 
 
@@ -60,6 +60,7 @@ class Qwen2Moe(Architecture):
             return super().dense_mlp(g, x, layer)
         s = f"/layers.{layer}/shared_expert"
         gate, up, down = (self.tensor(role, layer) for role in ("shared_gate", "shared_up", "shared_down"))
-        shared = swiglu_expert(g, x, gate, up, down, s)                                  # [T, H]
+        shared = self.dense_swiglu(g, x, gate, up, down, s)                              # [T, H]
+        # The [1, H] gate stays float: one output row is too small to gain from quantizing.
         gate_logit = linear(g, x, self.tensor("shared_expert_gate", layer), f"{s}_gate")  # [T, 1]
         return g.op("Mul", [g.op("Sigmoid", [gate_logit], s), shared], s)               # [T, H]
