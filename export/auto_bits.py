@@ -34,7 +34,7 @@ from edgemoe.runtime.tokenizer import BundleTokenizer
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_WINDOW = 256
+CALIBRATION_WINDOW = 256  # tokens per evaluation window, or the model's context when shorter
 CANDIDATE_BITS = AUTO_CANDIDATE_BITS
 
 
@@ -66,12 +66,13 @@ def choose_expert_bits(bundle: Path, candidates: dict[int, list[ExpertEntry]], t
     engine = Engine(bundle, EngineOptions(budget_bytes=budget_bytes, verify=False, predictor=None,
                                           preload=False, measure_recall=False, use_profile=False))
     tokenizer = BundleTokenizer(bundle, engine.manifest)
+    window = min(CALIBRATION_WINDOW, engine.context_length)
 
     def perplexity(high: int, low: int, lowered: set) -> float:
         engine.store.clear()
         engine.manifest.experts = [runnable[low if k in lowered else high][k] for k in keys]
         engine.manifest.__post_init__()  # rebuilds the (layer, index) lookup
-        return evaluate(engine, tokenizer, text, window=CALIBRATION_WINDOW).perplexity
+        return evaluate(engine, tokenizer, text, window=window).perplexity
 
     uniform = {bits: perplexity(bits, bits, set()) for bits in CANDIDATE_BITS}
     reference = uniform[CANDIDATE_BITS[0]]
@@ -108,7 +109,7 @@ def choose_expert_bits(bundle: Path, candidates: dict[int, list[ExpertEntry]], t
     entries = [replace(by_width[low if k in lowered else high][k], importance=importance[k]) for k in keys]
     record = {
         "method": "auto", "candidate_bits": list(CANDIDATE_BITS), "quality_budget": quality_budget,
-        "calibration": calibration, "calibration_window": CALIBRATION_WINDOW,
+        "calibration": calibration, "calibration_window": window,
         "perplexity": {**{width_name(b): p for b, p in uniform.items()}, "mix": measured[best]},
         "perplexity_limit": limit, "high_bits": high, "low_bits": low, "experts_at_low_bits": best,
         "searched": {str(k): v for k, v in sorted(measured.items())},

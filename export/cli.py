@@ -21,7 +21,7 @@ def add_parsers(subparsers) -> None:
                         help="precision of the routed experts: 16 stores fp16, 8, 4 and 2 store integers with "
                              "one float32 scale per block (2 also with a zero point), auto picks a width per "
                              "expert on the calibration text (default: the --dtype precision)")
-    parser.add_argument("--quality-budget", type=_percentage, default="2%", metavar="PERCENT",
+    parser.add_argument("--quality-budget", type=_percentage, default=None, metavar="PERCENT",
                         help="with --expert-bits auto: allowed calibration perplexity increase over "
                              "all-fp16 experts, such as 2%% (default 2%%)")
     parser.add_argument("--calibration", metavar="FILE", default=None,
@@ -73,17 +73,24 @@ def run_synth(args) -> int:
 def run_export(args) -> int:
     import sys
 
-    from edgemoe.export.writer import export_checkpoint
+    from edgemoe.export.writer import DEFAULT_QUALITY_BUDGET, export_checkpoint
 
     if args.profile_text:
         from edgemoe.runtime.cli import _read_text
         _read_text(args.profile_text, "--profile-text")  # fail before a long export, not after it
 
+    if args.expert_bits != "auto":
+        unused = [flag for flag, value in (("--quality-budget", args.quality_budget),
+                                           ("--calibration", args.calibration)) if value is not None]
+        if unused:
+            raise ValueError(f"{' and '.join(unused)} apply only with --expert-bits auto; add --expert-bits auto "
+                             f"or leave out {' and '.join(unused)}")
     bits = None if args.expert_bits is None else args.expert_bits if args.expert_bits == "auto" \
         else int(args.expert_bits)
+    quality_budget = DEFAULT_QUALITY_BUDGET if args.quality_budget is None else args.quality_budget
     summary = export_checkpoint(args.source, args.out, dtype=args.dtype, overwrite=args.overwrite,
                                 progress=sys.stderr.isatty(), expert_bits=bits, block_size=args.block_size,
-                                quality_budget=args.quality_budget, calibration=args.calibration,
+                                quality_budget=quality_budget, calibration=args.calibration,
                                 dense_dtype=args.dense_dtype)
     print(summary.describe())
     if args.expert_bits == "auto":
@@ -93,8 +100,12 @@ def run_export(args) -> int:
         ppl = record["perplexity"]
         uniform = ", ".join(f"{name} {value:.3f}" for name, value in ppl.items() if name != "mix")
         low, high = (f"int{b}" if b != 16 else "fp16" for b in (record["low_bits"], record["high_bits"]))
-        print(f"{record['experts_at_low_bits']} experts at {low}, the others at {high}; calibration perplexity "
-              f"{uniform}, chosen mix {ppl['mix']:.3f} (limit {record['perplexity_limit']:.3f})")
+        if low == high:
+            chosen = f"all {len(load_manifest(args.out).experts)} experts at {low}"
+        else:
+            chosen = f"{record['experts_at_low_bits']} experts at {low}, the others at {high}"
+        print(f"{chosen}; calibration perplexity {uniform}, chosen mix {ppl['mix']:.3f} "
+              f"(limit {record['perplexity_limit']:.3f})")
     if args.profile_text:
         from edgemoe.runtime.cli import _read_text
         from edgemoe.runtime.profiling import profile_bundle

@@ -43,7 +43,7 @@ EXPERT_BITS = (16, 8, 4, 2)
 # H=2048, I=1024: int8 1.27 (1.18) and 1.23; int4 1.50 (1.34) and 1.47 (1.46); int2 2.31 and
 # 1.66. Rounded up here.
 PREPACKED_FACTOR = {8: 1.4, 4: 1.6, 2: 2.4}
-# A 2-bit expert widened to 4 bits at load (onnxruntime without a 2-bit kernel) also holds the
+# A 2-bit expert widened to 4 bits at load (onnxruntime without a 2-bit kernel) also keeps the
 # 4-bit values: 5.21 x (demo shape) and 6.08 x (H=2048, I=1024) the data file with onnxruntime
 # 1.22.1, 4.36 x and 3.55 x with 1.32. Rounded up from the largest.
 WIDENED_2BIT_FACTOR = 6.2
@@ -142,6 +142,8 @@ def export_checkpoint(source: str | Path, out: str | Path, dtype: str = "fp32",
                               "fast-tokenizer file that Hugging Face tokenizers save")
     arch = architecture_for(checkpoint)
     arch.check_tensors()
+    if auto:
+        _check_calibration_length(auto, checkpoint.directory / "tokenizer.json")
     arch.dense_bits = DENSE_BITS.get(dense_dtype)
     arch.dense_block_size = block_size if arch.dense_bits else None
 
@@ -166,7 +168,7 @@ def export_checkpoint(source: str | Path, out: str | Path, dtype: str = "fp32",
         raise
 
     cfg = manifest.config
-    expert_files = {e.file for e in manifest.experts} | {e.data_file for e in manifest.experts}
+    expert_files = {name for e in manifest.experts for name in (e.file, e.data_file, e.widened_file) if name}
     summary = ExportSummary(
         bundle=str(out), architecture=arch.model_type, dtype=dtype, expert_dtype=expert_format.dtype,
         dense_dtype=dense_dtype,
@@ -201,7 +203,7 @@ def _auto_request(quality_budget: float, calibration: str | Path | None) -> Auto
         logger.info("calibrating on the built-in text %s (children's stories in English); pass "
                     "--calibration FILE with text in the style of the model's use", calibration)
     if not 0 < quality_budget <= 1:
-        raise ValueError(f"invalid quality budget {quality_budget * 100:g} %; choose a value above 0 % "
+        raise ValueError(f"invalid quality budget {quality_budget * 100:.10g} %; choose a value above 0 % "
                          "and at most 100 %, such as 2%")
     path = Path(calibration)
     try:
@@ -209,6 +211,21 @@ def _auto_request(quality_budget: float, calibration: str | Path | None) -> Auto
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read the calibration text {path}: {exc}; pass a UTF-8 text file") from exc
     return AutoRequest(quality_budget, path, text)
+
+
+# Fewer calibration tokens make the perplexities too noisy to rank experts (with 3 tokens,
+# uniform int2 once scored better than fp16).
+MIN_CALIBRATION_TOKENS = 256
+
+
+def _check_calibration_length(auto: AutoRequest, tokenizer_file: Path) -> None:
+    from tokenizers import Tokenizer
+
+    tokens = len(Tokenizer.from_file(str(tokenizer_file)).encode(auto.text, add_special_tokens=False).ids)
+    if tokens < MIN_CALIBRATION_TOKENS:
+        raise ValueError(f"the calibration text {auto.calibration} has {tokens} tokens; --expert-bits auto needs "
+                         f"at least {MIN_CALIBRATION_TOKENS} (a few thousand rank experts better): pass a longer "
+                         "--calibration file")
 
 
 def _expert_format(dtype: str, expert_bits: int | None, block_size: int) -> ExpertFormat:

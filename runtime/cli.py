@@ -127,11 +127,17 @@ def add_bench_parser(subparsers) -> None:
     bench.set_defaults(run=run_bench_command)
 
 
+def ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
 def run_bench_command(args) -> int:
     from edgemoe.runtime.bench import DEFAULT_PROMPTS, BenchConfig, format_table, plot, run_bench
     from edgemoe.runtime.bench_run import mode_options
+    from edgemoe.runtime.kernels import runtime_manifest
     from edgemoe.runtime.loading import resolve_bundle
-    from edgemoe.runtime.manifest import load_manifest
 
     bundles = [str(resolve_bundle(b)) for b in (args.bundles or [None])]
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
@@ -139,7 +145,11 @@ def run_bench_command(args) -> int:
         raise ValueError("--budgets is empty; give sizes or percentages such as 100%,25%")
     notes, skipped = [], []
     for bundle in bundles:
-        manifest = load_manifest(bundle)
+        manifest = runtime_manifest(bundle)
+        widened = sum(e.file == e.widened_file for e in manifest.experts)
+        if widened:
+            notes.append(f"{widened} 2-bit experts of {bundle} are widened to 4 bits when loaded: onnxruntime "
+                         f"{ort_version()} has no 2-bit kernel, so they load slower and take more memory")
         for budget in budgets:
             size = parse_size(budget, total=manifest.expert_bytes)
             if size < manifest.min_expert_budget:

@@ -15,8 +15,8 @@ import numpy as np
 from edgemoe.runtime.eviction import make_policy
 from edgemoe.runtime.expert_store import ExpertStore
 from edgemoe.runtime.kv_cache import KVCache
-from edgemoe.runtime.kernels import adapt_experts
-from edgemoe.runtime.manifest import BundleError, Manifest, load_manifest, verify_file
+from edgemoe.runtime.kernels import runtime_manifest
+from edgemoe.runtime.manifest import BundleError, Manifest, verify_file
 from edgemoe.runtime.predictors import (PREDICTORS, CombinedPredictor, RecallMeter, TablePredictor, make_predictor,
                                         top_experts)
 from edgemoe.runtime.preloader import Preloader
@@ -63,9 +63,7 @@ class Engine:
     def __init__(self, bundle_dir: str | Path, options: EngineOptions | None = None):
         self.bundle_dir = Path(bundle_dir)
         self.options = options or EngineOptions()
-        self.manifest: Manifest = load_manifest(self.bundle_dir)
-        self.manifest.experts = adapt_experts(self.bundle_dir, self.manifest.experts, self.options.widen_2bit)
-        self.manifest.__post_init__()
+        self.manifest: Manifest = runtime_manifest(self.bundle_dir, self.options.widen_2bit)
         self.config = self.manifest.config
         threads = self.options.threads or default_threads()
 

@@ -1,4 +1,4 @@
-"""Which stored expert formats the installed onnxruntime runs natively.
+"""Choice of the expert graphs the installed onnxruntime can run.
 
 onnxruntime added a 2-bit MatMulNBits kernel after 1.22 (the version Termux ships). A 2-bit
 expert therefore comes with two graphs over the same data file: the native one, and one that
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from edgemoe.runtime.manifest import ExpertEntry
+from edgemoe.runtime.manifest import ExpertEntry, Manifest, load_manifest
 from edgemoe.runtime.sessions import expert_session
 
 logger = logging.getLogger(__name__)
@@ -27,8 +27,8 @@ _native_2bit: bool | None = None  # probed once per process
 def has_2bit_kernel(bundle_dir: str | os.PathLike, entry: ExpertEntry) -> bool:
     """Whether onnxruntime runs 2-bit MatMulNBits, found by creating `entry`'s native session.
 
-    When that fails, the widened graph of the same expert is tried: if it loads, the kernel is
-    what is missing; if it fails too, the files are at fault, and True is returned so that
+    When that fails, the widened graph of the same expert is tried. If it loads, the kernel is
+    what is missing. If it fails too, the files are at fault, and True is returned so that
     loading the expert reports the real error.
     """
     global _native_2bit
@@ -80,3 +80,12 @@ def _log_widening_once(count: int, example: ExpertEntry) -> None:
                    "4 bits when loaded. Storage reads stay 2-bit, and a loaded expert takes %.1f MB instead "
                    "of %.1f MB. onnxruntime 1.32 runs them natively.", ort.__version__, count,
                    example.widened_resident_bytes / 1e6, example.resident_bytes / 1e6)
+
+
+def runtime_manifest(bundle_dir: str | os.PathLike, widen: bool | None = None) -> Manifest:
+    """Load a bundle's manifest with its experts adapted by `adapt_experts`, so that expert
+    sizes, and budgets given as percentages of them, are those of the graphs that will load."""
+    manifest = load_manifest(bundle_dir)
+    manifest.experts = adapt_experts(bundle_dir, manifest.experts, widen)
+    manifest.__post_init__()  # rebuilds the (layer, index) lookup
+    return manifest

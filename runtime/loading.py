@@ -9,7 +9,8 @@ from pathlib import Path
 from edgemoe.runtime.budget import BudgetError, format_bytes, parse_size
 from edgemoe.runtime.engine import Engine, EngineOptions
 from edgemoe.runtime.generation import Generator
-from edgemoe.runtime.manifest import Manifest, load_manifest, verify_file
+from edgemoe.runtime.kernels import runtime_manifest
+from edgemoe.runtime.manifest import Manifest, verify_file
 from edgemoe.runtime.tokenizer import BundleTokenizer
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def load_model(path: str | Path | None, budget: str | None = None, threads: int 
                verify: bool = True, **engine_options) -> LoadedModel:
     """Open a bundle (None: the demo model); `engine_options` are further EngineOptions fields."""
     bundle = resolve_bundle(path)
-    manifest = load_manifest(bundle)
+    manifest = runtime_manifest(bundle, engine_options.get("widen_2bit"))
     budget_bytes = resolve_budget(budget, manifest)
     engine = Engine(bundle, EngineOptions(budget_bytes=budget_bytes, threads=threads, verify=verify,
                                           **engine_options))

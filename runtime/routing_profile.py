@@ -44,9 +44,11 @@ class RoutingStats:
                                      1.0 / max(self.counts.shape[1], 1))
 
     def record(self, layer: int, experts: np.ndarray, previous: np.ndarray | None) -> None:
-        """Add one layer's choices: experts [T, K] at `layer`, previous [T, K] at layer - 1."""
+        """Add one layer's choices: experts [T, K] at `layer`, previous [T, K] at the MoE layer
+        before it (None at the first MoE layer, where the tokens are counted)."""
         np.add.at(self.counts[layer], experts.reshape(-1), 1)
-        if layer == 0:
+        if previous is None:
+            # The first MoE layer, which is not layer 0 when the model starts with dense layers.
             self.tokens += experts.shape[0]
         if previous is not None:
             # Every (p at layer-1, e at layer) pair of one token counts once.

@@ -68,7 +68,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from edgemoe.runtime.expert_store import BudgetTooSmallError
     from edgemoe.runtime.loading import resolve_budget, resolve_bundle
-    from edgemoe.runtime.manifest import load_manifest
+    from edgemoe.runtime.kernels import runtime_manifest
     from edgemoe.server.app import create_app
     from edgemoe.server.settings import ServerSettings
 
@@ -95,7 +95,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise _settings_error(exc) from None
     # Fail now on a bad bundle or budget rather than serving a model that will never load.
     bundle = resolve_bundle(settings.bundle)
-    manifest = load_manifest(bundle)
+    manifest = runtime_manifest(bundle)
     budget = resolve_budget(settings.expert_budget, manifest)
     if budget < manifest.min_expert_budget:
         raise BudgetTooSmallError(

@@ -125,6 +125,17 @@ def test_cache_holds_latent_and_rope_key(model, bundle_path):
     assert per_token < expanded
 
 
+def test_routing_stats_count_tokens_after_dense_layer(bundle_path):
+    # Layer 0 is dense (first_k_dense_replace 1), so tokens are counted at layer 1.
+    engine = Engine(bundle_path("tiny-deepseek-v3"))
+
+    engine.forward(np.arange(1, 8), engine.new_cache())
+
+    assert engine.routing.tokens == 7
+    assert engine.routing.counts[0].sum() == 0
+    assert engine.routing.counts[1].sum() == 7 * engine.config.num_experts_per_tok
+
+
 def test_old_manifest_defaults_to_key_value(tiny_bundle):
     manifest = load_manifest(tiny_bundle)
     cfg = manifest.config

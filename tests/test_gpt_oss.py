@@ -163,6 +163,8 @@ def test_mxfp4_checkpoint_exports_int4(tmp_path):
     ("rope_parameters", {"rope_type": "llama3", "rope_theta": 1000.0, "factor": 8.0}, "llama3"),
     ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1000.0, "factor": 4.0, "partial_rotary_factor": 0.5,
                          "original_max_position_embeddings": 64}, "partial_rotary_factor"),
+    # transformers moves a top-level partial_rotary_factor into rope_parameters.
+    ("partial_rotary_factor", 0.5, "partial_rotary_factor 0.5"),
 ])
 def test_unsupported_config_named(field, value, named, checkpoint_copy):
     checkpoint = checkpoint_copy(MODEL)

@@ -314,6 +314,37 @@ def test_auto_defaults_to_built_in_calibration_text(corpus_path):
     assert not [p for p in long_paragraphs if p in eval_text], "calibration text overlaps the eval corpus"
 
 
+def test_auto_uses_context_when_shorter_than_window(corpus_path, tmp_path):
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text(corpus_path.read_text(encoding="utf-8")[:3000], encoding="utf-8")
+    out = tmp_path / "tiny-auto"
+
+    export_checkpoint(checkpoint_dir("tiny-deepseek-v3"), out, expert_bits="auto", calibration=calibration,
+                      progress=False)
+
+    manifest = load_manifest(out)
+    assert manifest.quantization["calibration_window"] == manifest.config.max_position_embeddings == 128
+
+
+def test_auto_rejects_short_calibration(tmp_path):
+    calibration = tmp_path / "short.txt"
+    calibration.write_text("Once upon a time there was a cat.", encoding="utf-8")
+
+    with pytest.raises(ValueError, match=r"short\.txt has 9 tokens; --expert-bits auto needs at least 256"):
+        export_checkpoint(checkpoint_dir(DEMO), tmp_path / "out", expert_bits="auto", calibration=calibration,
+                          progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags", [["--calibration", "missing.txt"], ["--quality-budget", "5%"]])
+def test_cli_rejects_auto_flags_without_auto(run_cli, tmp_path, flags):
+    result = run_cli(["export", checkpoint_dir(DEMO), tmp_path / "out", "--expert-bits", "4", *flags])
+
+    assert result.returncode == 1
+    assert f"{flags[0]} apply only with --expert-bits auto" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_export_int4_with_block_size(run_cli, tmp_path):
     out = tmp_path / "demo-int4-b64"
     result = run_cli(["export", checkpoint_dir(DEMO), out, "--expert-bits", "4", "--block-size", "64"])

@@ -10,7 +10,8 @@ Invariants checked:
   the numpy SwiGLU on the dequantized weights; the widened graph gives the same output as the
   native one, and the numpy widening reference gives the same bytes as the graph's repacking.
 - The runtime widens 2-bit experts exactly when onnxruntime cannot create the native session,
-  and says so in the log once per process.
+  and says so in the log once per process and in bench's notes. Percentage budgets are of the
+  sizes the loaded (possibly widened) experts take.
 - A 2-bit demo bundle stores at most 0.65 x the int4 expert bytes, and its perplexity stays
   within 25 % of fp32's (measured +15 %: 26.00 vs 22.60 on the whole evaluation corpus).
 """
@@ -32,6 +33,7 @@ from edgemoe.export.quantize import dequantize, pack, quantize, unpack, unpack_v
 from edgemoe.export.writer import export_checkpoint
 from edgemoe.runtime.engine import Engine, EngineOptions
 from edgemoe.runtime.evaluate import evaluate
+from edgemoe.runtime.loading import load_model
 from edgemoe.runtime.manifest import load_manifest
 from edgemoe.runtime.sessions import expert_session
 from edgemoe.runtime.tokenizer import BundleTokenizer
@@ -205,6 +207,23 @@ def test_widened_bundle_equals_native(int2_bundle, tmp_path):
 
     # Equal up to summation order (measured 1.2e-5 on logits of about 10).
     np.testing.assert_allclose(logits[True], logits[False], rtol=0, atol=1e-4)
+
+
+def test_percentage_budget_counts_widened_sizes(int2_bundle):
+    model = load_model(int2_bundle, "100%", widen_2bit=True, predictor=None, preload=False)
+    widened_total = sum(e.widened_resident_bytes for e in load_manifest(int2_bundle).experts)
+
+    assert model.engine.manifest.expert_bytes == widened_total
+    assert model.engine.store.budget_bytes == widened_total
+
+
+def test_bench_notes_widening(int2_bundle, run_cli, tmp_path):
+    completed = run_cli(["bench", int2_bundle, "--budgets", "100%", "--modes", "lru", "--repeat", "1",
+                         "--max-tokens", "4"])
+
+    assert completed.returncode == 0, completed.stderr
+    noted = "2-bit experts of" in completed.stdout and "are widened to 4 bits" in completed.stdout
+    assert noted == (not native_kernel_available(tmp_path))
 
 
 LOG_SCRIPT = """

@@ -98,6 +98,11 @@ def _rope_theta(config: dict, default: float, supported: tuple[str, ...] = ("def
     if rope_type not in supported:
         raise UnsupportedConfigError(
             f"rope_type {rope_type!r} is not supported for this model_type; supported: {', '.join(supported)}")
+    # transformers 5.x moves a top-level partial_rotary_factor into rope_parameters.
+    partial = float(params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)))
+    if partial != 1.0:
+        raise UnsupportedConfigError(
+            f"partial_rotary_factor {partial:g} is not supported; only 1.0 (RoPE over the whole head dimension)")
     # transformers 5.x keeps rope_theta inside rope_parameters; 4.x has it at the top level.
     return float(params.get("rope_theta", config.get("rope_theta", default)))
 
