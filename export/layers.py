@@ -65,7 +65,7 @@ def quantized_linear(g: GraphBuilder, x: str, weight: np.ndarray, scope: str, bi
 
 
 def widened_copy(g: GraphBuilder) -> GraphBuilder:
-    """A copy of graph `g` in which every 2-bit MatMulNBits runs as a 4-bit one.
+    """Return a copy of graph `g` in which every 2-bit MatMulNBits runs as a 4-bit one.
 
     The copy has the same weights in the same order, so it can point into `g`'s data file. Its
     B and zero-point inputs are computed from the 2-bit ones by integer ops whose inputs are all
@@ -122,37 +122,21 @@ def rope_tables(g: GraphBuilder, position_ids: str, head_dim: int, theta: float,
                 inv_freq: np.ndarray | None = None, factor: float = 1.0) -> tuple[str, str]:
     """cos and sin of RoPE, [T, D], as transformers builds them (float32).
 
-    `inv_freq` [D/2] replaces the default RoPE's frequencies (YaRN), and `factor` multiplies cos
-    and sin (YaRN's attention factor).
+    `inv_freq` [D/2] replaces the default RoPE's frequencies (YaRN, LongRoPE), and `factor`
+    multiplies cos and sin (YaRN's attention factor, LongRoPE's mscale).
     """
     if inv_freq is None:
         inv_freq = (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim)))
     positions = g.op("Cast", [position_ids], scope, to=TensorProto.FLOAT)                  # [T]
     positions = g.op("Unsqueeze", [positions, g.const(f"{scope}/axis1", np.array([1], np.int64))], scope)
     freqs = g.op("Mul", [positions, g.const(f"{scope}/inv_freq",
-                                            inv_freq.astype(np.float32)[None, :])], scope)  # [T, D/2]
+                                            np.asarray(inv_freq, np.float32)[None, :])], scope)  # [T, D/2]
     emb = g.op("Concat", [freqs, freqs], scope, axis=-1)                                 # [T, D]
     cos, sin = g.op("Cos", [emb], scope), g.op("Sin", [emb], scope)
     if factor != 1.0:
         scale = g.const(f"{scope}/factor", np.array(factor, np.float32))
         cos, sin = g.op("Mul", [cos, scale], scope), g.op("Mul", [sin, scale], scope)
     return cos, sin
-
-
-def scaled_rope_tables(g: GraphBuilder, position_ids: str, inv_freq: np.ndarray, mscale: float,
-                       scope: str) -> tuple[str, str]:
-    """cos and sin [T, D] of a RoPE with given inverse frequencies [D/2], both times `mscale`
-    (a scaled RoPE such as LongRoPE)."""
-    positions = g.op("Cast", [position_ids], scope, to=TensorProto.FLOAT)                  # [T]
-    positions = g.op("Unsqueeze", [positions, g.const(f"{scope}/axis1", np.array([1], np.int64))], scope)
-    freqs = g.op("Mul", [positions, g.const(f"{scope}/inv_freq",
-                                            inv_freq.astype(np.float32)[None, :])], scope)  # [T, D/2]
-    emb = g.op("Concat", [freqs, freqs], scope, axis=-1)                                 # [T, D]
-    cos, sin = g.op("Cos", [emb], scope), g.op("Sin", [emb], scope)
-    if mscale == 1.0:
-        return cos, sin
-    factor = g.const(f"{scope}/mscale", np.array(mscale, np.float32))
-    return g.op("Mul", [cos, factor], scope), g.op("Mul", [sin, factor], scope)
 
 
 def apply_rope(g: GraphBuilder, x: str, cos: str, sin: str, head_dim: int, scope: str) -> str:

@@ -133,8 +133,8 @@ def dequantize(qw: QuantizedWeight) -> np.ndarray:
 def widen_2bit(packed: np.ndarray, count: int) -> np.ndarray:
     """Repack 2-bit values [..., ceil(count / 4)] bytes as 4-bit values [..., ceil(count / 2)].
 
-    What an expert graph stored at 2 bits computes at load time when onnxruntime has no 2-bit
-    MatMulNBits kernel (see edgemoe.export.layers.widened_copy); kept here as its reference.
+    This is what a 2-bit expert graph computes at load time when onnxruntime has no 2-bit
+    MatMulNBits kernel (see edgemoe.export.layers.widened_copy). The tests use it as the reference.
     """
     return pack(unpack_values(packed, 2, count), 4)
 

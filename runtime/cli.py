@@ -127,15 +127,11 @@ def add_bench_parser(subparsers) -> None:
     bench.set_defaults(run=run_bench_command)
 
 
-def ort_version() -> str:
-    import onnxruntime
-
-    return onnxruntime.__version__
-
-
 def run_bench_command(args) -> int:
     from edgemoe.runtime.bench import DEFAULT_PROMPTS, BenchConfig, format_table, plot, run_bench
     from edgemoe.runtime.bench_run import mode_options
+    import onnxruntime
+
     from edgemoe.runtime.kernels import runtime_manifest
     from edgemoe.runtime.loading import resolve_bundle
 
@@ -149,7 +145,7 @@ def run_bench_command(args) -> int:
         widened = sum(e.file == e.widened_file for e in manifest.experts)
         if widened:
             notes.append(f"{widened} 2-bit experts of {bundle} are widened to 4 bits when loaded: onnxruntime "
-                         f"{ort_version()} has no 2-bit kernel, so they load slower and take more memory")
+                         f"{onnxruntime.__version__} has no 2-bit kernel, so they load slower and take more memory")
         for budget in budgets:
             size = parse_size(budget, total=manifest.expert_bytes)
             if size < manifest.min_expert_budget:

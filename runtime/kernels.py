@@ -25,7 +25,7 @@ _native_2bit: bool | None = None  # probed once per process
 
 
 def has_2bit_kernel(bundle_dir: str | os.PathLike, entry: ExpertEntry) -> bool:
-    """Whether onnxruntime runs 2-bit MatMulNBits, found by creating `entry`'s native session.
+    """Return whether onnxruntime runs 2-bit MatMulNBits, found by creating `entry`'s native session.
 
     When that fails, the widened graph of the same expert is tried. If it loads, the kernel is
     what is missing. If it fails too, the files are at fault, and True is returned so that

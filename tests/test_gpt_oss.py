@@ -5,7 +5,7 @@ Invariants checked (logit parity with transformers is in test_parity.py):
   defines them, element 2i from the low nibble. It rejects the NaN scale and mismatched shapes.
 - The MXFP4 fixture's dequantized experts equal the float fixture's within MXFP4 rounding (a
   quarter of each 32-value block's max|w|).
-- yarn_inv_freq keeps the original frequencies below the ramp, divides them by `factor` above
+- YaRN (parse_rope_scaling) keeps the original frequencies below the ramp, divides them by `factor` above
   it, and returns the attention factor 0.1 * ln(factor) + 1.
 - The fixture's prompt plus greedy tokens outgrow the sliding window, and only the sliding
   layers' graphs carry a window.
@@ -28,7 +28,7 @@ from edgemoe.export.architectures import UnsupportedConfigError, architecture_fo
 from edgemoe.export.checkpoint import Checkpoint
 from edgemoe.export.mxfp4 import Mxfp4Error, dequantize_mxfp4, e2m1_values
 from edgemoe.export.quantize import dequantize, quantize
-from edgemoe.export.rope import yarn_inv_freq
+from edgemoe.export.rope_scaling import parse_rope_scaling
 from edgemoe.export.writer import export_checkpoint
 from edgemoe.runtime.engine import Engine
 from edgemoe.runtime.sessions import expert_session
@@ -93,12 +93,13 @@ def test_mxfp4_experts_close_to_float():
 
 
 def test_yarn_ramps_between_extrapolation_and_interpolation():
-    params = {"rope_theta": 1000.0, "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
-              "original_max_position_embeddings": 64}
+    params = {"rope_type": "yarn", "rope_theta": 1000.0, "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+              "truncate": False, "original_max_position_embeddings": 64}
     head_dim = 16
     original = 1.0 / 1000.0 ** (np.arange(0, head_dim, 2) / head_dim)
 
-    inv_freq, attention_factor = yarn_inv_freq(params, head_dim, 256)
+    rope = parse_rope_scaling({"rope_parameters": params, "max_position_embeddings": 256})
+    inv_freq, attention_factor = rope.inv_freq(head_dim), rope.cos_sin_factor
 
     # The ramp runs from dimension pair 0 to 16 * ln(64 / 2pi) / (2 ln 1000) = 2.69.
     high = head_dim * math.log(64 / (2 * math.pi)) / (2 * math.log(1000.0))

@@ -7,8 +7,8 @@ Invariants checked:
 - The fitted scale and zero point of each block have a squared error at most 1 % above the best
   of a dense brute-force grid over all four zero points, and far below symmetric rounding.
 - A 2-bit expert session (native where onnxruntime has the kernel, widened everywhere) matches
-  the numpy SwiGLU on the dequantized weights; the widened graph gives the same output as the
-  native one, and the numpy widening reference gives the same bytes as the graph's repacking.
+  the numpy SwiGLU on the dequantized weights. The widened graph gives the same output as the
+  native one, and the numpy widening reference gives the same values as the graph's repacking.
 - The runtime widens 2-bit experts exactly when onnxruntime cannot create the native session,
   and says so in the log once per process and in bench's notes. Percentage budgets are of the
   sizes the loaded (possibly widened) experts take.
@@ -89,7 +89,8 @@ def test_dequantize_is_values_minus_zero_point_times_scale():
     assert qw.zero_points.shape == (6 * 2,)  # 7 zero points per row, four per byte
     q = unpack(qw).astype(np.float32)
     z = zero_point_values(qw)
-    assert q.max() <= 3 and z.max() <= 3
+    assert q.max() <= 3
+    assert z.max() <= 3
     expected = (q - z[..., None]) * qw.scales.reshape(6, 7, 1)
     np.testing.assert_array_equal(dequantize(qw), expected.reshape(6, -1)[:, :200])
 
@@ -182,7 +183,8 @@ def test_manifest_lists_both_graphs_of_each_expert(int2_bundle):
     assert {(e.dtype, e.bits, e.block_size) for e in manifest.experts} == {("int2", 2, 32)}
     for entry in manifest.experts:
         assert entry.widened_file == entry.file.replace(".onnx", "_w4.onnx")
-        assert entry.widened_file in manifest.files and entry.data_file in manifest.files
+        assert entry.widened_file in manifest.files
+        assert entry.data_file in manifest.files
         assert entry.widened_resident_bytes > entry.resident_bytes
 
 

@@ -14,7 +14,7 @@ Differences from Mixtral, as transformers 5.25 implements them:
   dequantizes to float32; `--expert-bits` then applies as for any family.
 - The expert MLP clamps the gate at `swiglu_limit` (above) and up at ±`swiglu_limit`, then
   computes (up + 1) * gate * sigmoid(`swiglu_alpha` * gate).
-- RoPE is YaRN (`rope_type` "yarn") in released checkpoints; see edgemoe.export.rope.
+- RoPE is YaRN (`rope_type` "yarn") in released checkpoints; see edgemoe.export.rope_scaling.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import numpy as np
 
 from edgemoe.export.architectures.base import Architecture, ArchConfig, UnsupportedConfigError
 from edgemoe.export.checkpoint import Checkpoint, CheckpointError
-from edgemoe.export.layers import clamped_swiglu_expert, linear
+from edgemoe.export.layers import clamped_swiglu_expert, linear, rope_tables
 from edgemoe.export.mxfp4 import Mxfp4Error, dequantize_mxfp4
 from edgemoe.export.onnx_graph import GraphBuilder
-from edgemoe.export.rope import scaled_rope_tables, yarn_inv_freq
+from edgemoe.export.rope_scaling import parse_rope_scaling
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 FUSED = ("gate_up_proj", "down_proj")  # the fused expert matrices, by their checkpoint suffix
@@ -87,24 +87,13 @@ class GptOss(Architecture):
                 "integer; fix config.json")
         return [window if t == "sliding_attention" else None for t in types]
 
-    @staticmethod
-    def _rope(config: dict, arch: ArchConfig) -> dict:
+    @classmethod
+    def _rope(cls, config: dict, arch: ArchConfig) -> dict:
         """Return the RoPE tables' inputs: {"inv_freq": [D/2] or None (default RoPE), "attention_factor"}."""
-        params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-        if params.get("rope_type", params.get("type", "default")) == "default":
+        rope = parse_rope_scaling(config, cls.default_rope_theta)
+        if rope.rope_type == "default":
             return {"inv_freq": None, "attention_factor": 1.0}
-        if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
-            raise UnsupportedConfigError(
-                f"partial_rotary_factor {params['partial_rotary_factor']} is not supported; only 1.0 (RoPE over "
-                "the whole head)")
-        params["rope_theta"] = arch.rope_theta
-        # transformers prefers a top-level original_max_position_embeddings, then the RoPE dict's,
-        # then max_position_embeddings.
-        params["original_max_position_embeddings"] = config.get(
-            "original_max_position_embeddings",
-            params.get("original_max_position_embeddings", arch.max_position_embeddings))
-        inv_freq, attention_factor = yarn_inv_freq(params, arch.head_dim, arch.max_position_embeddings)
-        return {"inv_freq": inv_freq.tolist(), "attention_factor": attention_factor}
+        return {"inv_freq": rope.inv_freq(arch.head_dim).tolist(), "attention_factor": rope.cos_sin_factor}
 
     # Tensors
 
@@ -184,8 +173,8 @@ class GptOss(Architecture):
         rope = self.config.extra["rope"]
         if rope["inv_freq"] is None:
             return super().rope_tables(g, position_ids, scope)
-        return scaled_rope_tables(g, position_ids, np.array(rope["inv_freq"], np.float32),
-                                  rope["attention_factor"], scope)
+        return rope_tables(g, position_ids, self.config.head_dim, self.config.rope_theta, scope,
+                           inv_freq=np.array(rope["inv_freq"], np.float32), factor=rope["attention_factor"])
 
     def attention_options(self, layer: int) -> dict:
         return {"sliding_window": self.config.extra["layer_windows"][layer], "sinks": self.tensor("sinks", layer)}

@@ -24,7 +24,7 @@ import logging
 import numpy as np
 
 from edgemoe.export.architectures.base import Architecture, ArchConfig, UnsupportedConfigError
-from edgemoe.export.layers import layer_norm, scaled_rope_tables
+from edgemoe.export.layers import layer_norm, rope_tables
 from edgemoe.export.onnx_graph import GraphBuilder
 
 logger = logging.getLogger(__name__)
@@ -136,4 +136,5 @@ class Phimoe(Architecture):
         extra = self.config.extra
         if "rope_inv_freq" not in extra:
             return super().rope_tables(g, position_ids, scope)
-        return scaled_rope_tables(g, position_ids, extra["rope_inv_freq"], extra["rope_mscale"], scope)
+        return rope_tables(g, position_ids, self.config.head_dim, self.config.rope_theta, scope,
+                           inv_freq=extra["rope_inv_freq"], factor=extra["rope_mscale"])
